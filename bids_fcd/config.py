@@ -1,0 +1,69 @@
+"""The one configuration object that travels with a model's weights (nnU-Net `plans.json` style).
+
+Inference builds both the network and the preprocessing grid from a `ModelConfig` alone, so a checkpoint and
+its inputs always agree. It is saved as JSON beside the weights (`model.json`) and inside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+TEMPLATE_SPACE = "MNI152NLin2009aSym"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model and feed it.
+
+    Attributes:
+        architecture: registry name in `bids_fcd.models` (e.g. "mobilenet3d_small").
+        channels: input modalities in channel order, BIDS suffixes ("T1w", "FLAIR").
+        grid_spacing_mm: isotropic voxel size of the template-space model grid, in mm.
+        grid_shape: voxels of the model grid (X, Y, Z), RAS+ axis order; see `bids_fcd.template.model_grid`.
+        normalisation: how intensities inside the brain are scaled (name understood by `preprocess`).
+        arch_params: keyword arguments of the architecture (width, dropout, ...).
+        subject_threshold: operating point on the subject-level FCD probability.
+        voxel_threshold: probability at which the voxel map is cut into candidate clusters.
+        min_cluster_mm3: candidate clusters smaller than this (template-space mm3) are dropped.
+        training: what the model was trained on and how (data, seed, epochs, folds, metrics).
+        versions: package versions at training time.
+    """
+
+    architecture: str = "mobilenet3d_small"
+    channels: tuple[str, ...] = ("T1w", "FLAIR")
+    grid_spacing_mm: float = 1.5
+    grid_shape: tuple[int, int, int] = (112, 128, 112)
+    normalisation: str = "robust-percentile"
+    arch_params: dict = field(default_factory=dict)
+    subject_threshold: float = 0.5
+    voxel_threshold: float = 0.5
+    min_cluster_mm3: float = 50.0
+    template_space: str = TEMPLATE_SPACE
+    name: str = "bids_fcd-default"
+    model_version: str = "untrained"
+    training: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        for key in ("channels", "grid_shape"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def read(cls, path: Path) -> ModelConfig:
+        return cls.from_json(Path(path).read_text())
+
+    def updated(self, **changes) -> ModelConfig:
+        return replace(self, **changes)
