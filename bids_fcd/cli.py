@@ -1,0 +1,144 @@
+"""Command line: arguments, the contract's exit codes and their order, logging, dispatch.
+
+    bids_fcd BIDS_DIR OUTPUT_DIR {participant,group} [options]
+    bids_fcd synth OUT_DIR [--n N] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from bids_fcd import __version__
+from bids_fcd.inputs import InputError, read_filter_file, validate_labels
+
+EXIT_OK = 0
+EXIT_PARTICIPANT_FAILED = 1
+EXIT_VALIDATION = 16
+EXIT_UNKNOWN_LEVEL = 17
+EXIT_EMPTY_SELECTION = 18
+EXIT_USAGE = 64
+EXIT_BAD_DATA = 65
+EXIT_MISSING_INPUT = 66
+EXIT_CANNOT_CREATE_OUTPUT = 73
+EXIT_IO = 74
+ANALYSIS_LEVELS = ("participant", "group")
+
+log = logging.getLogger("bids_fcd")
+
+
+class UsageError(Exception):
+    """Raised instead of argparse's exit 2, so that usage errors exit 64 as the contract says."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="bids_fcd",
+        description="Localise focal cortical dysplasia in T1w + FLAIR MRI (BIDS App; research use only).",
+        epilog="Exit codes: 0 ok, 1 a participant failed, 16 BIDS validation failed, 17 unknown analysis "
+               "level, 18 selection empty, 64 usage, 65 bad image, 66 missing input, 73 cannot create output, "
+               "74 I/O error.",
+    )
+    parser.add_argument("bids_dir", type=Path, help="input BIDS dataset")
+    parser.add_argument("output_dir", type=Path, help="output BIDS derivatives dataset")
+    parser.add_argument("analysis_level", help="participant: preprocess and predict; group: train on the cohort")
+    parser.add_argument("-v", "--version", action="version", version=f"bids_fcd {__version__}")
+    parser.add_argument("--participant_label", nargs="+", metavar="L",
+                        help="participant labels, with or without 'sub-' (default: all)")
+    parser.add_argument("--session_label", nargs="+", metavar="S", help="session labels (default: all)")
+    parser.add_argument("--bids_filter_file", type=Path, metavar="FILE",
+                        help='JSON of pybids queries per modality, e.g. {"t1w": {"acquisition": "iso08"}}')
+    parser.add_argument("--skip_bids_validator", action="store_true", help="do not validate the input dataset")
+    parser.add_argument("--model", type=Path, metavar="PATH",
+                        help="checkpoint written by the group level (default: the shipped model)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model runs (default: auto, CUDA when present)")
+    parser.add_argument("--n_cpus", type=positive_int, default=1, metavar="N",
+                        help="CPU cores to use; participants run in parallel processes (default: 1)")
+    parser.add_argument("--work_dir", type=Path, metavar="DIR",
+                        help="scratch space (default: OUTPUT_DIR/work, removed on success)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
+    parser.add_argument("--n_passes", type=positive_int, default=4, metavar="N",
+                        help="stochastic passes (test-time flips, MC dropout) for the uncertainty map")
+    group = parser.add_argument_group("group level (training)")
+    group.add_argument("--label_column", default="group",
+                       help="participants.tsv column with the diagnosis (default: group)")
+    group.add_argument("--positive_label", default="fcd",
+                       help="value of --label_column meaning FCD; others are controls, n/a excluded (default: fcd)")
+    group.add_argument("--n_folds", type=positive_int, default=5, help="cross-validation folds (default: 5)")
+    group.add_argument("--epochs", type=positive_int, default=30, help="training epochs per fold (default: 30)")
+    group.add_argument("--batch_size", type=positive_int, default=4, help="volumes per step (default: 4)")
+    group.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW peak learning rate")
+    group.add_argument("--architecture", default=None,
+                       help="network from the registry (default: the starting model's, mobilenet3d_small)")
+    return parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def setup_logging(verbose: bool = True) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("bids", "nibabel", "matplotlib", "PIL", "numexpr"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def check_paths(bids_dir: Path, output_dir: Path) -> int:
+    """The contract's path checks, in order: input present (66), output creatable and outside it (73)."""
+    if not bids_dir.is_dir() or not (bids_dir / "dataset_description.json").is_file():
+        log.error("BIDS_DIR %s does not exist or has no dataset_description.json", bids_dir)
+        return EXIT_MISSING_INPUT
+    bids_resolved, output_resolved = bids_dir.resolve(), output_dir.resolve()
+    if output_resolved == bids_resolved or bids_resolved in output_resolved.parents:
+        log.error("OUTPUT_DIR %s must not be BIDS_DIR or inside it", output_dir)
+        return EXIT_CANNOT_CREATE_OUTPUT
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        log.error("cannot create OUTPUT_DIR %s: %s", output_dir, err)
+        return EXIT_CANNOT_CREATE_OUTPUT
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "synth":
+        from bids_fcd import synth
+
+        return synth.main(argv[1:])
+    setup_logging()
+    try:
+        args = build_parser().parse_args(argv)
+        args.participant_label = validate_labels(args.participant_label, "sub-", "participant")
+        args.session_label = validate_labels(args.session_label, "ses-", "session")
+        args.filters = read_filter_file(args.bids_filter_file)
+    except (UsageError, InputError) as err:
+        build_parser().print_usage(sys.stderr)
+        print(f"bids_fcd: error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", EXIT_USAGE)
+    if args.analysis_level not in ANALYSIS_LEVELS:
+        log.error("unknown analysis level %r: choose participant or group", args.analysis_level)
+        return EXIT_UNKNOWN_LEVEL
+    code = check_paths(args.bids_dir, args.output_dir)
+    if code:
+        return code
+
+    from bids_fcd.app import run_app
+
+    return run_app(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
