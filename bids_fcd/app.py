@@ -16,7 +16,7 @@ from pathlib import Path
 from bids_fcd import cli
 from bids_fcd.derivatives import init_output_dataset
 from bids_fcd.inputs import InputError, LabelSpec, Participant, discover
-from bids_fcd.participant import ParticipantSettings, UnitResult, run_participant
+from bids_fcd.participant import DEFAULT_MODEL, ParticipantSettings, UnitResult, run_participant
 
 log = logging.getLogger("bids_fcd")
 
@@ -57,12 +57,16 @@ def run_app(args: argparse.Namespace) -> int:
 
 def run_participants(args: argparse.Namespace, units: list[Participant]) -> int:
     """Run every unit, in parallel processes when --n_cpus > 1; log progress and a closing summary."""
+    model_path = args.model or DEFAULT_MODEL
+    if not Path(model_path).is_file():
+        log.error("model checkpoint %s does not exist", model_path)
+        return cli.EXIT_MISSING_INPUT
     work_dir = args.work_dir or args.output_dir / "work"
     n_workers = min(args.n_cpus, len(units))
     settings = ParticipantSettings(
         bids_dir=args.bids_dir.resolve(), output_dir=args.output_dir.resolve(), work_dir=Path(work_dir).resolve(),
-        model_path=args.model, device=args.device, n_threads=max(1, args.n_cpus // n_workers), seed=args.seed,
-        n_passes=args.n_passes,
+        model_path=Path(model_path).resolve(), device=args.device, n_threads=max(1, args.n_cpus // n_workers),
+        seed=args.seed,        n_passes=args.n_passes,
     )
     log.info("participant level: %d unit(s), %d process(es) x %d thread(s)", len(units), n_workers,
              settings.n_threads)

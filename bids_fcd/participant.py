@@ -33,7 +33,7 @@ class ParticipantSettings:
     bids_dir: Path
     output_dir: Path
     work_dir: Path
-    model_path: Path | None
+    model_path: Path
     device: str
     n_threads: int
     seed: int
@@ -101,7 +101,7 @@ def process(unit: Participant, settings: ParticipantSettings) -> str:
     from bids_fcd.template import model_grid
 
     torch.set_num_threads(settings.n_threads)
-    model_path = settings.model_path or DEFAULT_MODEL
+    model_path = settings.model_path
     device = infer.select_device(settings.device)
     model, config = models.load_checkpoint(model_path, device)
     require_images(unit, config.channels)

@@ -10,16 +10,13 @@ import html
 import logging
 from pathlib import Path
 
-import matplotlib
+import nibabel as nib
+import numpy as np
+from matplotlib import pyplot as plt
+from nilearn import plotting
 
-matplotlib.use("Agg")
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import pyplot as plt  # noqa: E402
-from nilearn import plotting  # noqa: E402
-
-from bids_fcd import __version__  # noqa: E402
-from bids_fcd.derivatives import atomic_path, write_text  # noqa: E402
+from bids_fcd import __version__
+from bids_fcd.derivatives import atomic_path, write_text
 
 log = logging.getLogger(__name__)
 MAX_FIGURE_CANDIDATES = 3

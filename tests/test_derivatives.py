@@ -9,32 +9,38 @@ import numpy as np
 import pytest
 
 from bids_fcd.config import TEMPLATE_SPACE
-from bids_fcd.derivatives import (atomic_path, derivative_path, init_output_dataset, safe_join, write_json,
-                                  write_nifti)
+from bids_fcd.derivatives import (
+    atomic_path,
+    derivative_path,
+    init_output_dataset,
+    safe_join,
+    write_json,
+    write_nifti,
+)
 from bids_fcd.validation import run_validator
 from tests.bids_factory import make_dataset
 
 T1W = {"acquisition": "iso08", "run": 2}
 FLAIR = {"acquisition": "T2sel"}
 CONTRACT_NAMES = [
-    (T1W, dict(space=TEMPLATE_SPACE, desc="preproc", suffix="T1w"),
+    (T1W, {"space": TEMPLATE_SPACE, "desc": "preproc", "suffix": "T1w"},
      "sub-01_acq-iso08_run-2_space-MNI152NLin2009aSym_desc-preproc_T1w.nii.gz"),
-    (FLAIR, dict(space=TEMPLATE_SPACE, desc="preproc", suffix="FLAIR"),
+    (FLAIR, {"space": TEMPLATE_SPACE, "desc": "preproc", "suffix": "FLAIR"},
      "sub-01_acq-T2sel_space-MNI152NLin2009aSym_desc-preproc_FLAIR.nii.gz"),
-    (T1W, dict(space=TEMPLATE_SPACE, desc="brain", suffix="mask"),
+    (T1W, {"space": TEMPLATE_SPACE, "desc": "brain", "suffix": "mask"},
      "sub-01_acq-iso08_run-2_space-MNI152NLin2009aSym_desc-brain_mask.nii.gz"),
     (T1W, {"from": "T1w", "to": TEMPLATE_SPACE, "mode": "image", "suffix": "xfm", "extension": ".txt"},
      "sub-01_acq-iso08_run-2_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt"),
     (FLAIR, {"from": "FLAIR", "to": "T1w", "mode": "image", "suffix": "xfm", "extension": ".txt"},
      "sub-01_acq-T2sel_from-FLAIR_to-T1w_mode-image_xfm.txt"),
-    (T1W, dict(label="FCD", suffix="probseg"), "sub-01_acq-iso08_run-2_label-FCD_probseg.nii.gz"),
-    (T1W, dict(space=TEMPLATE_SPACE, label="FCD", suffix="probseg"),
+    (T1W, {"label": "FCD", "suffix": "probseg"}, "sub-01_acq-iso08_run-2_label-FCD_probseg.nii.gz"),
+    (T1W, {"space": TEMPLATE_SPACE, "label": "FCD", "suffix": "probseg"},
      "sub-01_acq-iso08_run-2_space-MNI152NLin2009aSym_label-FCD_probseg.nii.gz"),
-    (T1W, dict(label="FCD", desc="saliency", suffix="probseg"),
+    (T1W, {"label": "FCD", "desc": "saliency", "suffix": "probseg"},
      "sub-01_acq-iso08_run-2_label-FCD_desc-saliency_probseg.nii.gz"),
-    (T1W, dict(label="FCD", desc="uncertainty", suffix="probseg"),
+    (T1W, {"label": "FCD", "desc": "uncertainty", "suffix": "probseg"},
      "sub-01_acq-iso08_run-2_label-FCD_desc-uncertainty_probseg.nii.gz"),
-    (T1W, dict(desc="fcd", suffix="prediction", extension=".json"), "sub-01_acq-iso08_run-2_desc-fcd_prediction.json"),
+    (T1W, {"desc": "fcd", "suffix": "prediction", "extension": ".json"}, "sub-01_acq-iso08_run-2_desc-fcd_prediction.json"),
 ]
 
 

@@ -8,8 +8,14 @@ import logging
 
 import pytest
 
-from bids_fcd.inputs import (InputError, LabelSpec, discover, read_filter_file, read_participants_table,
-                             validate_labels)
+from bids_fcd.inputs import (
+    InputError,
+    LabelSpec,
+    discover,
+    read_filter_file,
+    read_participants_table,
+    validate_labels,
+)
 from tests.bids_factory import make_dataset
 
 
