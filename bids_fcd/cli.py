@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -78,7 +79,49 @@ def build_parser() -> Parser:
     group.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW peak learning rate")
     group.add_argument("--architecture", default=None,
                        help="network from the registry (default: the starting model's, mobilenet3d_small)")
+    group.add_argument("--arch_params", type=json_object, default=None, metavar="JSON",
+                       help='architecture keyword arguments, e.g. \'{"width": 0.5}\' (default: the starting model\'s)')
+    group.add_argument("--grid_spacing_mm", type=float, default=None, metavar="MM",
+                       help="model grid voxel size in mm (default: the starting model's, 1.5)")
+    group.add_argument("--grid_shape", type=grid_shape, default=None, metavar="XxYxZ",
+                       help="model grid in voxels, each side a multiple of 16 (default: the starting model's, "
+                            "112x128x112)")
+    group.add_argument("--from_scratch", action="store_true",
+                       help="random initialisation instead of the starting model's weights")
+    group.add_argument("--pretrain_epochs", type=int, default=0, metavar="N",
+                       help="autoencoder pre-training epochs of the encoder in each fold (default: 0, none)")
+    group.add_argument("--grad_accum_steps", type=positive_int, default=1, metavar="N",
+                       help="batches per optimizer step (gradient accumulation; default: 1)")
+    group.add_argument("--patience", type=positive_int, default=10, metavar="N",
+                       help="early stopping: epochs without a lower validation loss (default: 10)")
+    group.add_argument("--mixed_precision", choices=("off", "bf16", "fp16"), default="off",
+                       help="autocast precision (default: off; bf16 was slower than fp32 on an H100 for this net)")
+    group.add_argument("--augmentation", choices=("auto", "cpu", "gpu", "off"), default="auto",
+                       help="cpu: TorchIO per volume; gpu: batched on the device; auto: gpu on CUDA, else cpu")
+    group.add_argument("--deterministic", action="store_true",
+                       help="deterministic kernels (reproducible on the same hardware, slower on GPUs)")
+    group.add_argument("--embedding", choices=("umap", "tsne", "pca"), default="umap",
+                       help="2-D embedding of the learned features in the report (default: umap)")
     return parser
+
+
+def json_object(text: str) -> str:
+    """A JSON object given on the command line (kept as text; read where it is used)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return text
+
+
+def grid_shape(text: str) -> str:
+    """`XxYxZ` voxels, each a positive multiple of 16 (the encoders' total stride); kept as text."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 and int(p) % 16 == 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected XxYxZ with multiples of 16, e.g. 112x128x112; got {text!r}")
+    return text
 
 
 def positive_int(text: str) -> int:

@@ -1,0 +1,280 @@
+"""Metrics for FCD detection: subject-level classification and lesion localisation, with bootstrap CIs.
+
+Pure functions on arrays, shared by the group level (out-of-fold and test predictions) and the model-card
+benchmark. Conventions: `y_true` is 1 for FCD and 0 for control; `prob` is the subject-level FCD probability;
+a participant is predicted FCD when `prob >= threshold`. Lesion metrics take voxel-wise probability maps and
+lesion masks on one template grid, (X, Y, Z); candidate clusters are cut exactly as the participant level does
+(`bids_fcd.infer.find_clusters`: `prob >= voxel_threshold`, 26-connectivity, small components dropped).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy import ndimage
+from scipy.stats import rankdata
+
+THRESHOLD_RULE = ("Youden's J (sensitivity + specificity - 1, i.e. maximal balanced accuracy) on out-of-fold "
+                  "subject probabilities; the cut is the midpoint between neighbouring probabilities, ties "
+                  "broken towards 0.5")
+VOXEL_THRESHOLD_RULE = ("maximal mean Dice over out-of-fold patients with a lesion mask, on the grid "
+                        "0.05, 0.10, ..., 0.95")
+CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, as infer.find_clusters
+
+
+def _safe_ratio(numerator: float, denominator: float) -> float | None:
+    return float(numerator / denominator) if denominator else None
+
+
+def confusion(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, int]:
+    """True/false positives/negatives of `prob >= threshold` against `y_true`."""
+    y_true = np.asarray(y_true).astype(int)
+    predicted = np.asarray(prob, dtype=float) >= threshold
+    return {"tp": int(np.sum(predicted & (y_true == 1))), "fp": int(np.sum(predicted & (y_true == 0))),
+            "tn": int(np.sum(~predicted & (y_true == 0))), "fn": int(np.sum(~predicted & (y_true == 1)))}
+
+
+def auroc(y_true: np.ndarray, prob: np.ndarray) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U with tied ranks averaged, as sklearn), None with one class."""
+    y_true = np.asarray(y_true).astype(int)
+    n_pos = int(y_true.sum())
+    n_neg = len(y_true) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(np.asarray(prob, dtype=float))
+    return float((ranks[y_true == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(y_true: np.ndarray, prob: np.ndarray) -> float | None:
+    """Area under the precision-recall curve as sklearn's `average_precision_score` (step-wise, distinct
+    thresholds); None with one class."""
+    y_true = np.asarray(y_true).astype(int)
+    if y_true.sum() == 0 or y_true.sum() == len(y_true):
+        return None
+    order = np.argsort(-np.asarray(prob, dtype=float), kind="mergesort")
+    prob_sorted, y_sorted = np.asarray(prob, dtype=float)[order], y_true[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(prob_sorted)), len(y_sorted) - 1]
+    tps = np.cumsum(y_sorted)[last_of_tie]
+    precision = tps / (last_of_tie + 1)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def subject_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
+    """AUROC, average precision and the threshold-dependent metrics of subject-level predictions.
+
+    Returns a dict of floats (None where undefined, e.g. specificity without controls) plus the confusion
+    counts and `n`, `n_positive`.
+    """
+    y_true = np.asarray(y_true).astype(int)
+    prob = np.asarray(prob, dtype=float)
+    counts = confusion(y_true, prob, threshold)
+    tp, fp, tn, fn = counts["tp"], counts["fp"], counts["tn"], counts["fn"]
+    sensitivity = _safe_ratio(tp, tp + fn)
+    specificity = _safe_ratio(tn, tn + fp)
+    ppv = _safe_ratio(tp, tp + fp)
+    both = sensitivity is not None and specificity is not None
+    return {
+        "n": len(y_true), "n_positive": int(y_true.sum()),
+        "auroc": auroc(y_true, prob),
+        "average_precision": average_precision(y_true, prob),
+        "balanced_accuracy": (sensitivity + specificity) / 2 if both else None,
+        "sensitivity": sensitivity, "specificity": specificity, "ppv": ppv,
+        "npv": _safe_ratio(tn, tn + fn),
+        "f1": _safe_ratio(2 * tp, 2 * tp + fp + fn),
+        "accuracy": _safe_ratio(tp + tn, len(y_true)),
+        **counts,
+    }
+
+
+def youden_threshold(y_true: np.ndarray, prob: np.ndarray) -> float:
+    """The subject threshold of `THRESHOLD_RULE`: maximal sensitivity + specificity - 1.
+
+    Candidate cuts are the midpoints between consecutive distinct probabilities (and one below the lowest and
+    one above the highest), so that no participant sits exactly on the cut. Needs both classes.
+    """
+    y_true = np.asarray(y_true).astype(int)
+    prob = np.asarray(prob, dtype=float)
+    if len(np.unique(y_true)) < 2:
+        raise ValueError("Youden's J needs both classes")
+    values = np.unique(prob)
+    cuts = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
+    positives, negatives = prob[y_true == 1], prob[y_true == 0]
+    sensitivity = (positives[None, :] >= cuts[:, None]).mean(axis=1)
+    specificity = (negatives[None, :] < cuts[:, None]).mean(axis=1)
+    j = sensitivity + specificity - 1
+    best = np.flatnonzero(np.isclose(j, j.max()))
+    return float(np.clip(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]], 0.0, 1.0))
+
+
+def bootstrap_samples(statistic: Callable[..., object], *arrays: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                      groups: np.ndarray | None = None) -> list:
+    """`statistic(*resampled_arrays)` for `n_boot` bootstrap resamples of the rows (all arrays together).
+
+    Whole groups are resampled when `groups` is given (participants, so that their sessions stay together).
+    """
+    arrays = tuple(np.asarray(a) for a in arrays)
+    if len(arrays[0]) == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        members = [np.array([i]) for i in range(len(arrays[0]))]
+    else:
+        groups = np.asarray(groups)
+        members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    samples = []
+    for _ in range(n_boot):
+        index = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        samples.append(statistic(*(a[index] for a in arrays)))
+    return samples
+
+
+def percentile_ci(values: Sequence[float | None], n_boot: int, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile interval of the defined values (None/NaN skipped); None when fewer than half are defined."""
+    defined = [v for v in values if v is not None and not math.isnan(v)]
+    if not defined or len(defined) < n_boot / 2:
+        return None
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(defined, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_ci(statistic: Callable[..., float | None], *arrays: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                 groups: np.ndarray | None = None, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap confidence interval of a scalar `statistic(*arrays)`.
+
+    Resamples where the statistic is undefined (None or NaN, e.g. AUROC with one class) are skipped; None
+    when fewer than half of them are defined.
+    """
+    return percentile_ci(bootstrap_samples(statistic, *arrays, n_boot=n_boot, seed=seed, groups=groups), n_boot,
+                         level)
+
+
+def _with_ci(point: dict, samples: list[dict], keys: Sequence[str], n_boot: int) -> dict:
+    """Each of `keys` as {"value", "ci95"}; other entries of `point` unchanged."""
+    result = dict(point)
+    for key in keys:
+        ci = percentile_ci([s[key] for s in samples], n_boot) if point[key] is not None else None
+        result[key] = {"value": point[key], "ci95": list(ci) if ci else None}
+    return result
+
+
+SUBJECT_RATES = ("auroc", "average_precision", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv",
+                 "f1", "accuracy")
+
+
+def subject_metrics_with_ci(y_true: np.ndarray, prob: np.ndarray, threshold: float, n_boot: int = 1000,
+                            seed: int = 0, groups: np.ndarray | None = None) -> dict:
+    """`subject_metrics` with every rate as {"value", "ci95": [low, high] or None}; counts stay plain.
+
+    The threshold is held fixed across resamples (it was chosen beforehand).
+    """
+    samples = bootstrap_samples(lambda y, p: subject_metrics(y, p, threshold), y_true, prob, n_boot=n_boot,
+                                seed=seed, groups=groups)
+    return _with_ci(subject_metrics(y_true, prob, threshold), samples, SUBJECT_RATES, n_boot)
+
+
+# --- lesion localisation ------------------------------------------------------------------------------------
+
+
+def candidate_clusters(prob: np.ndarray, voxel_threshold: float, min_voxels: int) -> tuple[np.ndarray, int]:
+    """Label image (X, Y, Z) int32 of the kept candidate clusters (1..n) and n, as `infer.find_clusters` cuts."""
+    labels, n = ndimage.label(prob >= voxel_threshold, structure=CONNECTIVITY)
+    if n == 0:
+        return labels.astype(np.int32), 0
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = np.flatnonzero(counts >= min_voxels)
+    keep = keep[keep > 0]
+    relabel = np.zeros(n + 1, dtype=np.int32)
+    relabel[keep] = np.arange(1, len(keep) + 1)
+    return relabel[labels], len(keep)
+
+
+def dice(prediction: np.ndarray, target: np.ndarray) -> float:
+    """Dice of two boolean volumes; 1.0 when both are empty."""
+    total = prediction.sum() + target.sum()
+    return float(2 * np.logical_and(prediction, target).sum() / total) if total else 1.0
+
+
+def lesion_case(prob: np.ndarray, lesion: np.ndarray | None, voxel_threshold: float, min_voxels: int) -> dict:
+    """Localisation outcome of one participant.
+
+    Args:
+        prob: (X, Y, Z) voxel-wise FCD probability.
+        lesion: (X, Y, Z) lesion mask (fraction or binary; >= 0.5 counts as lesion); an empty mask for a control
+            (every cluster is a false positive); None when unknown (a patient without a mask).
+        voxel_threshold: cut of `prob` into clusters.
+        min_voxels: smallest kept cluster, in voxels of the grid.
+
+    Returns:
+        n_clusters; n_false_positive (clusters not touching the lesion; None when the lesion is unknown);
+        detected (a cluster overlaps the lesion) and dice (of `prob >= voxel_threshold` against the lesion),
+        both None without a non-empty lesion.
+    """
+    labels, n = candidate_clusters(prob, voxel_threshold, min_voxels)
+    if lesion is None:
+        return {"n_clusters": n, "n_false_positive": None, "detected": None, "dice": None}
+    target = np.asarray(lesion) >= 0.5
+    if not target.any():
+        return {"n_clusters": n, "n_false_positive": n, "detected": None, "dice": None}
+    hit = np.unique(labels[target & (labels > 0)])
+    return {"n_clusters": n, "n_false_positive": n - len(hit), "detected": bool(len(hit)),
+            "dice": dice(prob >= voxel_threshold, target)}
+
+
+def _mean_of(cases: Sequence[dict], key: str) -> float | None:
+    values = [c[key] for c in cases if c[key] is not None]
+    return float(np.mean(values)) if values else None
+
+
+def lesion_summary(cases: Sequence[dict]) -> dict:
+    """Detection rate and mean Dice over participants with a lesion; false-positive clusters per participant
+    whose lesion is known (controls and patients with a mask)."""
+    with_lesion = [c for c in cases if c["detected"] is not None]
+    return {
+        "n": len(cases), "n_with_lesion": len(with_lesion),
+        "detection_rate": _mean_of(with_lesion, "detected"),
+        "dice": _mean_of(with_lesion, "dice"),
+        "false_positives_per_participant": _mean_of(cases, "n_false_positive"),
+    }
+
+
+def lesion_metrics_with_ci(cases: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+    """`lesion_summary` with bootstrap CIs (participants resampled) on its rates."""
+    rows = np.asarray(list(cases), dtype=object)
+    samples = bootstrap_samples(lambda c: lesion_summary(list(c)), rows, n_boot=n_boot, seed=seed)
+    return _with_ci(lesion_summary(cases), samples,
+                    ("detection_rate", "dice", "false_positives_per_participant"), n_boot)
+
+
+def choose_voxel_threshold(prob_maps: Sequence[np.ndarray], lesions: Sequence[np.ndarray],
+                           candidates: np.ndarray | None = None) -> float:
+    """The voxel threshold of `VOXEL_THRESHOLD_RULE`; ties go to the higher threshold (fewer false positives).
+
+    Dice at every candidate threshold comes from one histogram per participant, so the cost is one pass.
+    """
+    if not prob_maps:
+        raise ValueError("no lesion masks to tune the voxel threshold on")
+    candidates = np.round(np.arange(0.05, 0.951, 0.05), 2) if candidates is None else np.asarray(candidates)
+    edges = np.concatenate([candidates, [np.inf]])
+    dices = []
+    for prob, lesion in zip(prob_maps, lesions):
+        target = np.asarray(lesion) >= 0.5
+        prob = np.asarray(prob, dtype=np.float32)
+        # voxels at or above each threshold: reverse cumulative histogram over the candidate edges
+        above_all = np.cumsum(np.histogram(prob, bins=edges)[0][::-1])[::-1]
+        above_lesion = np.cumsum(np.histogram(prob[target], bins=edges)[0][::-1])[::-1]
+        denominator = above_all + target.sum()
+        dices.append(np.where(denominator > 0, 2 * above_lesion / np.maximum(denominator, 1), 1.0))
+    mean = np.mean(dices, axis=0)
+    best = np.flatnonzero(np.isclose(mean, mean.max()))
+    return float(candidates[best[-1]])
+
+
+def by_group(groups: np.ndarray, compute: Callable[[np.ndarray], dict], min_size: int = 2) -> dict:
+    """`compute(row_mask)` for every level of `groups` (sites, acquisitions) with at least `min_size` rows."""
+    groups = np.asarray(groups).astype(str)
+    levels, counts = np.unique(groups, return_counts=True)
+    return {str(level): compute(groups == level) for level, count in zip(levels, counts) if count >= min_size}

@@ -1,0 +1,441 @@
+"""The group level: train on the labelled cohort with subject-level cross-validation and write OUTPUT_DIR/group/.
+
+    cached participants -> folds -> K models (early stopping) -> out-of-fold predictions -> thresholds
+    -> final model (refit on every cross-validated participant) -> metrics, shortcut audit, model card, report
+
+Final model: refit on all cross-validation participants for the median of the folds' best epochs (ClinicaDL /
+nnU-Net practice; one network, so `participant --model OUTPUT_DIR/group/model.pt` reads it like any checkpoint).
+The fold models stay in `group/fold-<k>/checkpoint_best.pt`; the thresholds stored with the final model are
+chosen on the fold models' out-of-fold predictions (`evaluate.THRESHOLD_RULE`, `evaluate.VOXEL_THRESHOLD_RULE`),
+made exactly as the participant level makes them (`infer.predict`, same `--n_passes`).
+
+Multi-GPU: `torchrun --nproc_per_node=N run.py BIDS_DIR OUTPUT_DIR group ...` (see `bids_fcd.engine`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import platform
+from dataclasses import dataclass
+from datetime import date
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bids_fcd import __version__, cli
+from bids_fcd.config import ModelConfig
+from bids_fcd.data import Sample, SplitPlan, plan_splits, prepare_samples, sample_seed
+from bids_fcd.derivatives import atomic_path, write_json
+from bids_fcd.engine import DistContext, FitResult, TrainOptions, fit, pretrain_encoder, set_determinism
+from bids_fcd.inputs import LabelSpec, Participant
+
+log = logging.getLogger("bids_fcd.train")
+
+VERSIONED_PACKAGES = ("torch", "numpy", "torchio", "scikit-learn", "neuroCombat", "nibabel", "SimpleITK")
+N_BOOTSTRAP = 1000  # resamples behind every 95% confidence interval
+
+
+def training_options(args: argparse.Namespace) -> TrainOptions:
+    """TrainOptions from the group-level command line."""
+    return TrainOptions(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        grad_accum_steps=args.grad_accum_steps, patience=args.patience, mixed_precision=args.mixed_precision,
+        deterministic=args.deterministic, augmentation=args.augmentation, pretrain_epochs=args.pretrain_epochs,
+        seed=args.seed, n_workers=min(4, args.n_cpus // 2),
+    )
+
+
+def starting_point(args: argparse.Namespace) -> tuple[ModelConfig, dict | None]:
+    """The starting model's config (grid, channels, architecture) with the command line's overrides, and the
+    weights to start from (None: random initialisation).
+
+    The starting model is --model, else the shipped model when there is one, else `ModelConfig()`. Its weights
+    are used unless --from_scratch, or the architecture or its parameters were changed.
+    """
+    from bids_fcd.participant import DEFAULT_MODEL
+
+    path = args.model or (DEFAULT_MODEL if DEFAULT_MODEL.is_file() else None)
+    config, state = ModelConfig(), None
+    if path is not None:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        config, state = ModelConfig.from_json(checkpoint["config_json"]), checkpoint["state_dict"]
+        log.info("starting model %s (%s, grid %s at %.1f mm)", path, config.architecture, config.grid_shape,
+                 config.grid_spacing_mm)
+    changes = {}
+    if args.architecture and args.architecture != config.architecture:
+        changes.update(architecture=args.architecture, arch_params={})
+    if args.arch_params is not None:
+        changes["arch_params"] = json.loads(args.arch_params)
+    if args.grid_spacing_mm is not None:
+        changes["grid_spacing_mm"] = args.grid_spacing_mm
+    if args.grid_shape is not None:
+        changes["grid_shape"] = tuple(int(side) for side in args.grid_shape.lower().split("x"))
+    if {"architecture", "arch_params"} & set(changes) or args.from_scratch:
+        state = None
+    if path is not None and state is None:
+        log.info("training from random initialisation (--from_scratch, or another architecture or arch_params)")
+    return config.updated(**changes), state
+
+
+def select_units(units: list[Participant], channels: tuple[str, ...]) -> tuple[list[Participant], dict[str, tuple]]:
+    """Units that can train (labelled, with the images the model needs) and {name: (exit code, why)} for
+    those missing an image. Unlabelled units are left out with a log line (they are not failures)."""
+    usable, failed = [], {}
+    for unit in units:
+        if unit.label is None:
+            log.info("%s: no label in participants.tsv (or n/a): left out of training", unit.name)
+        elif unit.t1w is None or ("FLAIR" in channels and unit.flair is None):
+            failed[unit.name] = (cli.EXIT_MISSING_INPUT, "no T1w image" if unit.t1w is None else "no FLAIR image")
+            log.error("%s: %s; left out of training", unit.name, failed[unit.name][1])
+        else:
+            usable.append(unit)
+    return usable, failed
+
+
+def write_folds(path: Path, samples: list[Sample], plan: SplitPlan) -> None:
+    """group/folds.tsv: one row per participant/session with its fold (or `test`), label, site and split."""
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["participant_id", "session", "label", "site", "split", "fold"])
+        for sample, fold in zip(samples, plan.fold):
+            writer.writerow([sample.participant_id, sample.unit.session or "n/a", sample.label, sample.site,
+                             sample.unit.split or "n/a", "test" if fold < 0 else int(fold)])
+
+
+def fresh_model(config: ModelConfig, state: dict | None, seed: int) -> torch.nn.Module:
+    from bids_fcd.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(config)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def train_one(config: ModelConfig, state: dict | None, train: list[Sample], val: list[Sample],
+              options: TrainOptions, out_dir: Path, fold_id: int, dist: DistContext,
+              epochs: int | None = None) -> tuple[torch.nn.Module, FitResult]:
+    """A fresh (or starting-model) network, optionally autoencoder-pretrained, trained by `engine.fit`."""
+    model = fresh_model(config, state, sample_seed(options.seed, fold_id, 7))
+    if options.pretrain_epochs:
+        pretrain_encoder(model, train, options, dist, config.grid_spacing_mm, fold_id,
+                         out_dir / "pretrained_encoder.pt")
+    return model, fit(model, config, train, val, options, out_dir, fold_id, dist, epochs=epochs)
+
+
+@dataclass
+class Predicted:
+    """Subject probabilities and voxel maps (float16, model grid) of some samples, in their order."""
+
+    indices: np.ndarray
+    probability: np.ndarray
+    maps: list[np.ndarray]
+
+
+def predict_samples(model: torch.nn.Module, config: ModelConfig, samples: list[Sample], indices: np.ndarray,
+                    device: torch.device, n_passes: int, seed: int) -> Predicted:
+    """Predictions exactly as the participant level makes them (`infer.predict`)."""
+    from bids_fcd.infer import predict
+
+    probability, maps = [], []
+    for i in indices:
+        prediction = predict(model, config, samples[i].image, samples[i].brain_mask, device, n_passes=n_passes,
+                             seed=seed)
+        probability.append(prediction.fcd_probability)
+        maps.append(prediction.prob_template.astype(np.float16))
+    return Predicted(np.asarray(indices), np.asarray(probability), maps)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "bids_fcd": __version__}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def failure_code(failed: dict[str, tuple]) -> int:
+    """Exit code when nothing could train: the shared code if every unit failed the same way, else 1."""
+    codes = {code for code, _ in failed.values()}
+    return codes.pop() if len(codes) == 1 else cli.EXIT_PARTICIPANT_FAILED
+
+
+def run_group(args: argparse.Namespace, units: list[Participant], label_spec: LabelSpec) -> int:
+    """The group level; returns the exit code (0, or 1 when some participants could not be used)."""
+    from bids_fcd.infer import select_device
+    from bids_fcd.template import model_grid
+
+    if args.pretrain_epochs < 0:
+        log.error("--pretrain_epochs must be >= 0, got %d", args.pretrain_epochs)
+        return cli.EXIT_USAGE
+    dist = DistContext.from_env(select_device(args.device))
+    options = training_options(args)
+    set_determinism(args.seed, options.deterministic)
+    group_dir = args.output_dir / "group"
+    group_dir.mkdir(parents=True, exist_ok=True)
+    config, state = starting_point(args)
+    usable, failed = select_units(units, config.channels)
+    if not usable:
+        log.error("group level: no participant with a label (column %r of participants.tsv) and the images "
+                  "needed", label_spec.column)
+        return failure_code(failed) if failed else cli.EXIT_EMPTY_SELECTION
+
+    grid = model_grid(config.grid_spacing_mm, config.grid_shape)
+    cache_dir = args.output_dir / "cache"
+    if not dist.is_main:  # rank 0 preprocesses what is missing; the others then read the cache
+        dist.barrier()
+    samples, broken = prepare_samples(usable, cache_dir, grid, config.channels, args.n_cpus)
+    if dist.is_main:
+        dist.barrier()
+    failed.update(broken)
+    try:
+        plan = plan_splits(samples, args.n_folds, args.seed)
+    except ValueError as err:
+        log.error("group level: %s", err)
+        return failure_code(failed) if not samples and failed else cli.EXIT_EMPTY_SELECTION
+    for note in plan.notes:
+        log.warning("%s", note)
+    if plan.warning:
+        log.warning("%s", plan.warning)
+    if dist.is_main:
+        write_folds(group_dir / "folds.tsv", samples, plan)
+    log.info("group level: %d unit(s) (%d FCD, %d control), %d-fold cross-validation%s; %d left out",
+             len(samples), sum(s.label for s in samples), sum(1 - s.label for s in samples), plan.n_folds,
+             f", {len(plan.test_indices)} in the test set" if plan.test_honoured else "", len(failed))
+
+    results: list[FitResult] = []
+    for k in range(plan.n_folds):
+        train_idx, val_idx = plan.fold_indices(k)
+        _, result = train_one(config, state, [samples[i] for i in train_idx], [samples[i] for i in val_idx],
+                              options, group_dir / f"fold-{k}", k, dist)
+        results.append(result)
+    final_epochs = max(1, round(float(np.median([r.best_epoch for r in results]))))
+    log.info("final model: refit on %d unit(s) for %d epoch(s) (median best epoch of the folds)",
+             len(plan.cv_indices), final_epochs)
+    final_model, final_result = train_one(config, state, [samples[i] for i in plan.cv_indices], [], options,
+                                          group_dir / "final", plan.n_folds, dist, epochs=final_epochs)
+    if not dist.is_main:
+        return cli.EXIT_OK
+
+    finish_group(GroupRun(args, label_spec, config, samples, plan, results, final_result, final_epochs, failed,
+                          options, dist.device), final_model)
+    return cli.EXIT_PARTICIPANT_FAILED if failed else cli.EXIT_OK
+
+
+# --- after training: out-of-fold predictions, thresholds, metrics, audit, outputs ------------------------------
+
+
+@dataclass
+class GroupRun:
+    """Everything the training part hands to the evaluation and outputs."""
+
+    args: argparse.Namespace
+    label_spec: LabelSpec
+    config: ModelConfig
+    samples: list[Sample]
+    plan: SplitPlan
+    folds: list[FitResult]
+    final: FitResult
+    final_epochs: int
+    failed: dict[str, tuple]
+    options: TrainOptions
+    device: torch.device
+
+    @property
+    def group_dir(self) -> Path:
+        return self.args.output_dir / "group"
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples])
+
+
+def out_of_fold(run: GroupRun) -> Predicted:
+    """Each fold's best model on its validation participants, concatenated (fold order)."""
+    from bids_fcd.models import load_checkpoint
+
+    parts = []
+    for k in range(run.plan.n_folds):
+        model, _ = load_checkpoint(run.group_dir / f"fold-{k}" / "checkpoint_best.pt", run.device)
+        parts.append(predict_samples(model, run.config, run.samples, run.plan.fold_indices(k)[1], run.device,
+                                     run.args.n_passes, run.args.seed))
+    return Predicted(np.concatenate([p.indices for p in parts]), np.concatenate([p.probability for p in parts]),
+                     [m for p in parts for m in p.maps])
+
+
+def thresholds(run: GroupRun, oof: Predicted) -> tuple[float, float, str]:
+    """(subject threshold, voxel threshold, voxel threshold rule) from the out-of-fold predictions."""
+    from bids_fcd.evaluate import VOXEL_THRESHOLD_RULE, choose_voxel_threshold, youden_threshold
+
+    subject = youden_threshold(run.labels[oof.indices], oof.probability)
+    with_mask = [j for j, i in enumerate(oof.indices) if run.samples[i].label == 1
+                 and run.samples[i].lesion is not None]
+    if not with_mask:
+        return subject, run.config.voxel_threshold, "kept from the starting model (no lesion masks to tune on)"
+    voxel = choose_voxel_threshold([oof.maps[j] for j in with_mask],
+                                   [run.samples[oof.indices[j]].lesion for j in with_mask])
+    return subject, voxel, VOXEL_THRESHOLD_RULE
+
+
+def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], subject_threshold: float,
+                    voxel_threshold: float) -> list[dict]:
+    """One predictions.tsv row per sample of `predicted`, with its lesion localisation outcome."""
+    from bids_fcd.evaluate import lesion_case
+
+    rows = []
+    min_voxels = max(1, math.ceil(run.config.min_cluster_mm3 / run.config.grid_spacing_mm ** 3))
+    for j, i in enumerate(predicted.indices):
+        sample = run.samples[i]
+        lesion = sample.lesion if sample.lesion is not None else (
+            np.zeros(sample.brain_mask.shape, dtype=bool) if sample.label == 0 else None)
+        case = lesion_case(predicted.maps[j].astype(np.float32), lesion, voxel_threshold, min_voxels)
+        meta = sample.unit.metadata
+        rows.append({
+            "participant_id": sample.participant_id, "session": sample.unit.session or "n/a",
+            "label": "fcd" if sample.label else "control", "fold": fold_of[j],
+            "split": sample.unit.split or "n/a", "site": sample.site,
+            "T1w_acq": meta.get("T1w_acq", "n/a"), "FLAIR_acq": meta.get("FLAIR_acq", "n/a"),
+            "fcd_probability": round(float(predicted.probability[j]), 4),
+            "predicted": "fcd" if predicted.probability[j] >= subject_threshold else "control",
+            "has_lesion_mask": sample.lesion is not None, **{k: case[k] for k in (
+                "n_clusters", "n_false_positive")},
+            "lesion_detected": case["detected"], "dice": None if case["dice"] is None else round(case["dice"], 4),
+        })
+    return rows
+
+
+def cohort_metrics(frame: pd.DataFrame, threshold: float, n_boot: int, seed: int) -> dict:
+    """Subject and lesion metrics (with CIs) of a predictions table, overall and by site."""
+    from bids_fcd.evaluate import by_group, lesion_metrics_with_ci, subject_metrics_with_ci
+
+    def compute(rows: pd.DataFrame) -> dict:
+        cases = [{"n_clusters": r.n_clusters, "n_false_positive": None if pd.isna(r.n_false_positive)
+                  else int(r.n_false_positive), "detected": None if pd.isna(r.lesion_detected)
+                  else bool(r.lesion_detected), "dice": None if pd.isna(r.dice) else float(r.dice)}
+                 for r in rows.itertuples()]
+        return {"subject": subject_metrics_with_ci((rows["label"] == "fcd").to_numpy().astype(int),
+                                                   rows["fcd_probability"].to_numpy(), threshold, n_boot, seed,
+                                                   groups=rows["participant_id"].to_numpy()),
+                "lesion": lesion_metrics_with_ci(cases, n_boot, seed)}
+
+    result = compute(frame)
+    result["by_site"] = by_group(frame["site"].to_numpy(), lambda mask: compute(frame[mask]))
+    return result
+
+
+def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
+    """Out-of-fold evaluation, thresholds, test set, audit; then model.pt, predictions, metrics, card, report."""
+    from bids_fcd import audit
+    from bids_fcd.evaluate import THRESHOLD_RULE
+    from bids_fcd.group_report import GroupSummary, write_model_card, write_report
+    from bids_fcd.models import save_checkpoint
+
+    args, plan, samples = run.args, run.plan, run.samples
+    oof = out_of_fold(run)
+    subject_threshold, voxel_threshold, voxel_rule = thresholds(run, oof)
+    log.info("thresholds from out-of-fold predictions: subject %.3f, voxel %.2f", subject_threshold, voxel_threshold)
+    rows = prediction_rows(run, oof, [str(plan.fold[i]) for i in oof.indices], subject_threshold, voxel_threshold)
+    if plan.test_honoured:
+        final_model = final_model.to(run.device)
+        test = predict_samples(final_model, run.config, samples, plan.test_indices, run.device, args.n_passes,
+                               args.seed)
+        rows += prediction_rows(run, test, ["test"] * len(plan.test_indices), subject_threshold, voxel_threshold)
+    frame = pd.DataFrame(rows)
+    cv_rows, test_rows = frame[frame["fold"] != "test"], frame[frame["fold"] == "test"]
+    metrics: dict = {
+        "protocol": {
+            "n_folds": plan.n_folds, "seed": args.seed, "test_set": "participants.tsv split = test"
+            if plan.test_honoured else None, "split_warning": plan.warning, "notes": plan.notes,
+            "subject_threshold": subject_threshold, "threshold_rule": THRESHOLD_RULE,
+            "voxel_threshold": voxel_threshold, "voxel_threshold_rule": voxel_rule,
+            "min_cluster_mm3": run.config.min_cluster_mm3, "n_bootstrap": N_BOOTSTRAP,
+            "final_model": f"refit on all {len(plan.cv_indices)} cross-validation units for {run.final_epochs} "
+                           "epochs (median best epoch of the folds)",
+            "predictions": f"infer.predict with {args.n_passes} pass(es), as the participant level"},
+        "cohort": {"n_units": len(samples), "n_participants": len({s.participant_id for s in samples}),
+                   "n_fcd": int(run.labels.sum()), "n_control": int((run.labels == 0).sum()),
+                   "n_with_lesion_mask": sum(s.lesion is not None for s in samples),
+                   "left_out": {name: {"exit_code": code, "reason": why} for name, (code, why) in run.failed.items()}},
+        "cross_validation": cohort_metrics(cv_rows, subject_threshold, N_BOOTSTRAP, args.seed),
+        "folds": [{"fold": k, "best_epoch": r.best_epoch, "epochs_run": len(r.history),
+                   "best_val_loss": min((h["val_loss"] for h in r.history), default=None),
+                   "n_train": len(plan.fold_indices(k)[0]), "n_val": len(plan.fold_indices(k)[1])}
+                  for k, r in enumerate(run.folds)],
+    }
+    if plan.test_honoured:
+        metrics["test"] = cohort_metrics(test_rows, subject_threshold, N_BOOTSTRAP, args.seed)
+    elif plan.official_test.any():
+        official = cv_rows[cv_rows["split"] == "test"]
+        metrics["official_test_patients"] = {
+            "note": "out-of-fold predictions of the participants participants.tsv marks `test`",
+            **cohort_metrics(official, subject_threshold, N_BOOTSTRAP, args.seed)}
+
+    report = audit.run_audit(samples, plan, final_model, run.device, metrics, args.embedding, args.seed)
+    metrics["shortcut_audit"], metrics["harmonisation"] = report.shortcut, report.harmonisation
+    metrics["warnings"] = [w for w in (plan.warning, report.shortcut.get("warning")) if w]
+    for warning in metrics["warnings"]:
+        log.warning("%s", warning)
+    if report.combat_estimates is not None:
+        write_json(run.group_dir / "combat_estimates.json", report.combat_estimates)
+    write_json(run.group_dir / "metrics.json", metrics)
+    frame.to_csv(run.group_dir / "predictions.tsv", sep="\t", index=False, na_rep="n/a")
+
+    final_config = run.config.updated(
+        subject_threshold=round(subject_threshold, 4), voxel_threshold=voxel_threshold,
+        name="bids_fcd-group", model_version=f"{__version__}+group.{date.today().isoformat()}",
+        training=training_record(run, metrics, subject_threshold), versions=package_versions())
+    save_checkpoint(final_model.cpu(), final_config, run.group_dir / "model.pt")
+    summary = GroupSummary(config=final_config, metrics=metrics, predictions=frame,
+                           fold_histories=[r.history for r in run.folds], final_history=run.final.history,
+                           cohort=cohort_table(samples, plan), audit=report)
+    write_model_card(run.group_dir / "MODEL_CARD.md", summary)
+    write_report(run.group_dir, summary)
+    log.info("group level: wrote %s (model.pt, model.json, folds.tsv, predictions.tsv, metrics.json, "
+             "MODEL_CARD.md, report.html)", run.group_dir)
+
+
+def training_record(run: GroupRun, metrics: dict, subject_threshold: float) -> dict:
+    """ModelConfig.training of the final model: data, folds, options, rules and headline metrics."""
+    cv = metrics["cross_validation"]
+    headline = {f"cv_{k}": cv["subject"][k] for k in ("auroc", "balanced_accuracy", "sensitivity", "specificity")}
+    headline.update({f"cv_lesion_{k}": cv["lesion"][k] for k in ("detection_rate", "dice")})
+    if "test" in metrics:
+        headline.update({f"test_{k}": metrics["test"]["subject"][k] for k in ("auroc", "balanced_accuracy")})
+    return {
+        "dataset": {"bids_dir": str(run.args.bids_dir.resolve()), **{k: metrics["cohort"][k] for k in (
+            "n_units", "n_participants", "n_fcd", "n_control", "n_with_lesion_mask")},
+            "participants": sorted({s.participant_id for s in run.samples})},
+        "label": {"column": run.label_spec.column, "positive": run.label_spec.positive},
+        "folds": {"n_folds": run.plan.n_folds, "seed": run.args.seed, "file": "folds.tsv",
+                  "best_epochs": [r.best_epoch for r in run.folds],
+                  "test_set": metrics["protocol"]["test_set"]},
+        "final_model": metrics["protocol"]["final_model"],
+        "options": run.options.signature(),
+        "threshold_rule": f"{metrics['protocol']['threshold_rule']} (threshold {subject_threshold:.4f})",
+        "voxel_threshold_rule": metrics["protocol"]["voxel_threshold_rule"],
+        "metrics": headline,
+        "shortcut_audit": {"metadata_auroc": (metrics["shortcut_audit"].get("best") or {}).get("auroc"),
+                           "warning": metrics["shortcut_audit"].get("warning")},
+        "date": date.today().isoformat(),
+    }
+
+
+def cohort_table(samples: list[Sample], plan: SplitPlan) -> pd.DataFrame:
+    """Label, site, split, fold, age and sex per unit (the report's cohort composition)."""
+    from bids_fcd.audit import AGE_COLUMNS
+
+    return pd.DataFrame([{
+        "participant_id": s.participant_id, "label": "fcd" if s.label else "control", "site": s.site,
+        "split": s.unit.split or "n/a", "fold": "test" if f < 0 else str(f),
+        "age": pd.to_numeric(next((s.unit.metadata[c] for c in AGE_COLUMNS if c in s.unit.metadata), None),
+                             errors="coerce"),
+        "sex": s.unit.metadata.get("sex", "n/a")} for s, f in zip(samples, plan.fold)])
