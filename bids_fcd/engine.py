@@ -340,7 +340,7 @@ class EpochRunner:
             n_volumes += size
             progress.set_postfix(loss=f"{totals[0] / n_volumes:.4f}")
         seconds = time.perf_counter() - started
-        mean = totals / max(1, n_volumes)
+        mean = (totals / max(1, n_volumes)).tolist()  # plain floats: the history goes into weights-only checkpoints
         return {"train_loss": mean[0], "train_subject_loss": mean[1], "train_voxel_loss": mean[2],
                 "seconds": seconds, "volumes_per_s": n_volumes * self.dist.world / seconds}
 
@@ -363,7 +363,7 @@ class EpochRunner:
             totals += np.array([loss.item() for loss in losses]) * batch["image"].shape[0]
             probs.extend(torch.sigmoid(outputs["subject_logits"].float()).tolist())
             labels.extend(batch["label"].tolist())
-        mean = totals / len(samples)
+        mean = (totals / len(samples)).tolist()
         metrics = subject_metrics(np.array(labels), np.array(probs), 0.5)
         return {"val_loss": mean[0], "val_subject_loss": mean[1], "val_voxel_loss": mean[2],
                 "val_auroc": auroc(np.array(labels), np.array(probs)),

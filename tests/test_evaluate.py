@@ -1,0 +1,184 @@
+"""Metrics: subject-level against sklearn and hand counts, thresholds, bootstrap CIs, lesion localisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from bids_fcd import evaluate
+
+
+def random_predictions(seed: int, n: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]
+    prob = np.round(np.clip(0.3 * y + rng.random(n) * 0.7, 0, 1), 1)  # rounded: plenty of ties
+    return y, prob
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_subject_metrics_match_sklearn(seed):
+    y, prob = random_predictions(seed)
+    threshold = 0.5
+    predicted = (prob >= threshold).astype(int)
+    metrics = evaluate.subject_metrics(y, prob, threshold)
+    assert metrics["auroc"] == pytest.approx(roc_auc_score(y, prob))
+    assert metrics["average_precision"] == pytest.approx(average_precision_score(y, prob))
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, predicted))
+    assert metrics["sensitivity"] == pytest.approx(recall_score(y, predicted))
+    assert metrics["specificity"] == pytest.approx(recall_score(1 - y, 1 - predicted))
+    assert metrics["ppv"] == pytest.approx(precision_score(y, predicted))
+    assert metrics["f1"] == pytest.approx(f1_score(y, predicted))
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y, predicted))
+    assert metrics["tp"] + metrics["fp"] + metrics["tn"] + metrics["fn"] == len(y)
+
+
+def test_subject_metrics_by_hand():
+    y = np.array([1, 1, 1, 0, 0, 0, 0])
+    prob = np.array([0.9, 0.6, 0.2, 0.7, 0.1, 0.3, 0.4])
+    metrics = evaluate.subject_metrics(y, prob, 0.5)
+    assert (metrics["tp"], metrics["fn"], metrics["fp"], metrics["tn"]) == (2, 1, 1, 3)
+    assert metrics["sensitivity"] == pytest.approx(2 / 3)
+    assert metrics["specificity"] == pytest.approx(3 / 4)
+    assert metrics["ppv"] == pytest.approx(2 / 3)
+    # 12 patient-control pairs; the patient scores higher in 4 + 3 + 1 of them
+    assert metrics["auroc"] == pytest.approx(8 / 12)
+
+
+def test_undefined_metrics_are_none_not_errors():
+    metrics = evaluate.subject_metrics(np.array([1, 1, 1]), np.array([0.2, 0.8, 0.9]), 0.5)
+    assert metrics["auroc"] is None and metrics["specificity"] is None and metrics["balanced_accuracy"] is None
+    assert metrics["sensitivity"] == pytest.approx(2 / 3)
+
+
+def test_youden_threshold_maximises_balanced_accuracy_and_cuts_between_neighbours():
+    for seed in range(5):
+        y, prob = random_predictions(seed, 30)
+        threshold = evaluate.youden_threshold(y, prob)
+        best = max(evaluate.subject_metrics(y, prob, t)["balanced_accuracy"]
+                   for t in np.concatenate([np.unique(prob), [1.1]]))
+        assert evaluate.subject_metrics(y, prob, threshold)["balanced_accuracy"] == pytest.approx(best)
+        assert not np.any(np.isclose(prob, threshold))
+
+
+def test_youden_threshold_by_hand():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    prob = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
+    assert evaluate.youden_threshold(y, prob) == pytest.approx(0.45)
+    with pytest.raises(ValueError):
+        evaluate.youden_threshold(np.ones(3), np.ones(3))
+
+
+def test_bootstrap_ci_contains_the_point_estimate_and_replays():
+    y, prob = random_predictions(0, 60)
+    point = evaluate.auroc(y, prob)
+    ci = evaluate.bootstrap_ci(evaluate.auroc, y, prob, n_boot=300, seed=3)
+    assert ci[0] <= point <= ci[1] and ci[0] < ci[1]
+    assert ci == evaluate.bootstrap_ci(evaluate.auroc, y, prob, n_boot=300, seed=3)
+
+
+def test_bootstrap_resamples_whole_groups():
+    values = np.array([1.0, 1.0, 5.0, 5.0])
+    groups = np.array(["a", "a", "b", "b"])
+    samples = evaluate.bootstrap_samples(lambda v: (len(v), v[0] == v[1]), values, n_boot=50, groups=groups)
+    assert all(n == 4 for n, _ in samples)  # two groups of two drawn each time
+    means = evaluate.bootstrap_samples(lambda v: float(v.mean()), values, n_boot=200, groups=groups)
+    assert set(np.round(means, 6)) <= {1.0, 3.0, 5.0}
+
+
+def test_bootstrap_ci_is_none_when_mostly_undefined():
+    values = np.array([1.0] + [0.0] * 9)
+
+    def first_is_one(v: np.ndarray) -> float | None:  # defined in ~10% of the resamples
+        return float(v.mean()) if v[0] == 1 else None
+
+    assert evaluate.bootstrap_ci(first_is_one, values, n_boot=200) is None
+
+
+def test_metrics_with_ci_keep_counts_plain_and_rates_with_intervals():
+    y, prob = random_predictions(1)
+    metrics = evaluate.subject_metrics_with_ci(y, prob, 0.5, n_boot=200)
+    assert isinstance(metrics["tp"], int) and metrics["n"] == len(y)
+    for key in evaluate.SUBJECT_RATES:
+        low, high = metrics[key]["ci95"]
+        assert low <= metrics[key]["value"] <= high
+
+
+def lesion_world() -> tuple[np.ndarray, np.ndarray]:
+    """A 12^3 probability map: one blob on the lesion, one false blob, one voxel below the size limit."""
+    prob = np.zeros((12, 12, 12), dtype=np.float32)
+    lesion = np.zeros_like(prob)
+    lesion[2:5, 2:5, 2:5] = 1
+    prob[3:6, 3:6, 3:6] = 0.9  # overlaps the lesion on a 2^3 corner
+    prob[8:11, 8:11, 8:11] = 0.8  # far from it
+    prob[0, 11, 0] = 0.95  # one voxel
+    return prob, lesion
+
+
+def test_lesion_case_counts_detection_false_positives_and_dice():
+    prob, lesion = lesion_world()
+    case = evaluate.lesion_case(prob, lesion, voxel_threshold=0.5, min_voxels=2)
+    assert case["n_clusters"] == 2 and case["n_false_positive"] == 1 and case["detected"] is True
+    predicted = prob >= 0.5
+    expected = 2 * 8 / (predicted.sum() + 27)
+    assert case["dice"] == pytest.approx(expected)
+    missed = evaluate.lesion_case(prob, lesion, voxel_threshold=0.92, min_voxels=2)  # only the lone voxel
+    assert missed["detected"] is False and missed["n_false_positive"] == 0
+
+
+def test_lesion_case_for_controls_and_unknown_masks():
+    prob, _ = lesion_world()
+    control = evaluate.lesion_case(prob, np.zeros(prob.shape), 0.5, 1)
+    assert control == {"n_clusters": 3, "n_false_positive": 3, "detected": None, "dice": None}
+    unknown = evaluate.lesion_case(prob, None, 0.5, 1)
+    assert unknown["n_false_positive"] is None and unknown["n_clusters"] == 3
+
+
+def test_clusters_use_26_connectivity_like_infer():
+    prob = np.zeros((5, 5, 5))
+    prob[1, 1, 1] = prob[2, 2, 2] = 1.0  # touching at a corner only
+    assert evaluate.candidate_clusters(prob, 0.5, 1)[1] == 1
+
+
+def test_lesion_summary_and_ci():
+    cases = [{"n_clusters": 1, "n_false_positive": 0, "detected": True, "dice": 0.5},
+             {"n_clusters": 2, "n_false_positive": 2, "detected": False, "dice": 0.0},
+             {"n_clusters": 1, "n_false_positive": 1, "detected": None, "dice": None},
+             {"n_clusters": 0, "n_false_positive": None, "detected": None, "dice": None}]
+    summary = evaluate.lesion_summary(cases)
+    assert summary["detection_rate"] == 0.5 and summary["dice"] == 0.25
+    assert summary["false_positives_per_participant"] == pytest.approx(1.0)  # unknown lesion not counted
+    with_ci = evaluate.lesion_metrics_with_ci(cases, n_boot=100)
+    assert with_ci["n_with_lesion"] == 2
+    low, high = with_ci["detection_rate"]["ci95"]
+    assert low <= 0.5 <= high
+
+
+def test_voxel_threshold_maximises_mean_dice():
+    rng = np.random.default_rng(0)
+    maps, lesions = [], []
+    for _ in range(3):
+        lesion = np.zeros((10, 10, 10), dtype=np.float32)
+        lesion[3:6, 3:6, 3:6] = 1
+        maps.append(np.clip(lesion * 0.6 + rng.random(lesion.shape) * 0.5, 0, 1).astype(np.float32))
+        lesions.append(lesion)
+    chosen = evaluate.choose_voxel_threshold(maps, lesions)
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    mean_dice = [np.mean([evaluate.dice(m >= t, les >= 0.5) for m, les in zip(maps, lesions)]) for t in grid]
+    assert np.mean([evaluate.dice(m >= chosen, les >= 0.5) for m, les in zip(maps, lesions)]) == \
+        pytest.approx(max(mean_dice))
+
+
+def test_by_group_skips_tiny_groups():
+    groups = np.array(["a", "a", "b"])
+    result = evaluate.by_group(groups, lambda mask: int(mask.sum()))
+    assert result == {"a": 2}

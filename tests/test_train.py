@@ -1,0 +1,202 @@
+"""The training engine: loss masking, schedule, checkpoints, early stopping, exact resume, DDP on gloo."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from bids_fcd import engine
+from bids_fcd.models import build_model, load_checkpoint
+from tests.group_factory import TINY_CONFIG, tiny_samples
+
+OPTIONS = engine.TrainOptions(epochs=3, batch_size=2, learning_rate=1e-3, patience=10, augmentation="cpu",
+                              deterministic=True, seed=3)
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(TINY_CONFIG)
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
+
+
+def loss_batch() -> dict[str, torch.Tensor]:
+    """Three volumes: a control, a patient with a lesion mask, a patient without one."""
+    shape = (3, 1, 8, 8, 8)
+    lesion = torch.zeros(shape)
+    lesion[1, 0, 2:4, 2:4, 2:4] = 1
+    return {"label": torch.tensor([0.0, 1.0, 1.0]), "brain_mask": torch.ones(shape), "lesion": lesion,
+            "voxel_target": torch.tensor([True, True, False]), "has_lesion": torch.tensor([False, True, False])}
+
+
+def test_voxel_loss_ignores_patients_without_a_mask():
+    batch = loss_batch()
+    voxel_logits = torch.zeros(3, 1, 8, 8, 8, requires_grad=True)
+    outputs = {"voxel_logits": voxel_logits, "subject_logits": torch.zeros(3)}
+    _, _, voxel = engine.fcd_loss(outputs, batch, pos_weight=1.0, voxel_weight=1.0)
+    voxel.backward()
+    grad = voxel_logits.grad
+    assert grad[2].abs().sum() == 0  # the unmasked patient: no voxel supervision
+    assert grad[0].abs().sum() > 0 and grad[1].abs().sum() > 0
+    # control: BCE towards 0 everywhere (all gradients positive at logit 0)
+    assert torch.all(grad[0] > 0)
+
+
+def test_subject_loss_is_weighted_bce():
+    batch = loss_batch()
+    outputs = {"voxel_logits": torch.zeros(3, 1, 8, 8, 8), "subject_logits": torch.tensor([0.5, -1.0, 2.0])}
+    _, subject, _ = engine.fcd_loss(outputs, batch, pos_weight=2.0, voxel_weight=1.0)
+    expected = nn.functional.binary_cross_entropy_with_logits(outputs["subject_logits"], batch["label"],
+                                                              pos_weight=torch.tensor(2.0))
+    assert subject == pytest.approx(float(expected))
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = engine.cosine_with_warmup(optimizer, warmup_steps=4, total_steps=20)
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:5] == sorted(rates[:5]) and rates[4] == pytest.approx(1.0)
+    assert rates[4:] == sorted(rates[4:], reverse=True) and rates[-1] < 0.05
+
+
+def test_fit_writes_log_and_checkpoints_readable_with_weights_only(tmp_path):
+    samples = tiny_samples(6)
+    result = engine.fit(tiny_model(), TINY_CONFIG, samples[:4], samples[4:], replace(OPTIONS, epochs=2),
+                        tmp_path, 0, engine.DistContext())
+    assert len(result.history) == 2 and result.best_path == tmp_path / "checkpoint_best.pt"
+    latest = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=True)
+    assert latest["epoch"] == 2 and latest["finished"] and "optimizer" in latest and "scheduler" in latest
+    _, config = load_checkpoint(tmp_path / "checkpoint_best.pt")
+    assert config.grid_shape == TINY_CONFIG.grid_shape and config.training["fold"] == 0
+    header = (tmp_path / "log.tsv").read_text().splitlines()[0].split("\t")
+    assert header == list(engine.LOG_COLUMNS)
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
+    losses = iter([1.0, 0.8, 0.9, 0.95, 0.7])
+
+    def scripted(self, samples):
+        return {"val_loss": next(losses), "val_subject_loss": 0.0, "val_voxel_loss": 0.0, "val_auroc": 0.5,
+                "val_balanced_accuracy": 0.5}
+
+    monkeypatch.setattr(engine.EpochRunner, "validate", scripted)
+    samples = tiny_samples(4)
+    result = engine.fit(tiny_model(), TINY_CONFIG, samples[:2], samples[2:],
+                        replace(OPTIONS, epochs=5, patience=2, augmentation="off"), tmp_path, 0,
+                        engine.DistContext())
+    assert result.best_epoch == 2 and len(result.history) == 4
+    assert load_checkpoint(tmp_path / "checkpoint_best.pt")[1].training["epoch"] == 2
+
+
+def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    samples = tiny_samples(6)
+    uninterrupted = tiny_model()
+    full = engine.fit(uninterrupted, TINY_CONFIG, samples[:4], samples[4:], OPTIONS, tmp_path / "full", 0,
+                      engine.DistContext())
+
+    save = engine.end_of_epoch
+
+    def interrupt_after_epoch_2(out_dir: Path, state: dict) -> None:
+        save(out_dir, state)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(engine, "end_of_epoch", interrupt_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit(tiny_model(), TINY_CONFIG, samples[:4], samples[4:], OPTIONS, tmp_path / "resumed", 0,
+                   engine.DistContext())
+    monkeypatch.setattr(engine, "end_of_epoch", save)
+    assert torch.load(tmp_path / "resumed" / "checkpoint_latest.pt", weights_only=True)["epoch"] == 2
+
+    resumed_model = tiny_model(seed=99)  # initial weights do not matter: they come from the checkpoint
+    resumed = engine.fit(resumed_model, TINY_CONFIG, samples[:4], samples[4:], OPTIONS, tmp_path / "resumed", 0,
+                         engine.DistContext())
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert torch.equal(flat(resumed_model), flat(uninterrupted))
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in full.history]
+
+
+def test_a_finished_fold_is_not_trained_again(tmp_path, monkeypatch):
+    samples = tiny_samples(4)
+    options = replace(OPTIONS, epochs=1, augmentation="off")
+    engine.fit(tiny_model(), TINY_CONFIG, samples[:2], samples[2:], options, tmp_path, 0, engine.DistContext())
+    monkeypatch.setattr(engine.EpochRunner, "train_epoch", lambda *a: pytest.fail("trained again"))
+    result = engine.fit(tiny_model(), TINY_CONFIG, samples[:2], samples[2:], options, tmp_path, 0,
+                        engine.DistContext())
+    assert len(result.history) == 1
+
+
+def test_other_settings_start_over(tmp_path):
+    samples = tiny_samples(4)
+    options = replace(OPTIONS, epochs=1, augmentation="off")
+    engine.fit(tiny_model(), TINY_CONFIG, samples[:2], samples[2:], options, tmp_path, 0, engine.DistContext())
+    result = engine.fit(tiny_model(), TINY_CONFIG, samples[:2], samples[2:], replace(options, learning_rate=0.01),
+                        tmp_path, 0, engine.DistContext())
+    assert len(result.history) == 1
+    state = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=True)
+    assert state["signature"] == engine.run_signature(TINY_CONFIG, replace(options, learning_rate=0.01),
+                                                      [s.unit.name for s in samples[:2]],
+                                                      [s.unit.name for s in samples[2:]], 1)
+
+
+def test_gpu_augmentation_path_and_bf16_autocast_run_on_cpu(tmp_path):
+    samples = tiny_samples(4)
+    options = replace(OPTIONS, epochs=1, augmentation="gpu", mixed_precision="bf16", deterministic=False,
+                      grad_accum_steps=2)
+    result = engine.fit(tiny_model(), TINY_CONFIG, samples, [], options, tmp_path, 4, engine.DistContext())
+    assert result.best_path is None and np.isfinite(result.history[0]["train_loss"])
+
+
+def test_autoencoder_pretraining_changes_and_stores_the_encoder(tmp_path):
+    samples = tiny_samples(4)
+    model = tiny_model()
+    before = flat(model.encoder).clone()
+    path = tmp_path / "pretrained_encoder.pt"
+    engine.pretrain_encoder(model, samples, replace(OPTIONS, pretrain_epochs=1, augmentation="off"),
+                            engine.DistContext(), 6.0, 0, path)
+    assert not torch.equal(flat(model.encoder), before)
+    reused = tiny_model()
+    engine.pretrain_encoder(reused, samples, replace(OPTIONS, pretrain_epochs=1), engine.DistContext(), 6.0, 0, path)
+    assert torch.equal(flat(reused.encoder), flat(model.encoder))
+
+
+def ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank of the 2-process gloo job (module level, so that spawn can pickle it)."""
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        context = engine.DistContext(rank, world, torch.device("cpu"))
+        torch.manual_seed(0)
+        linear = engine.wrap_model(nn.Linear(4, 1), context)
+        linear(torch.full((2, 4), float(rank + 1))).sum().backward()  # local d/dW = 2 (rank + 1)
+        torch.save(linear.module.weight.grad.clone(), Path(out_dir) / f"grad-{rank}.pt")
+
+        samples = tiny_samples(6)
+        model = tiny_model()
+        options = replace(OPTIONS, epochs=2, batch_size=1, augmentation="gpu", deterministic=False)
+        engine.fit(model, TINY_CONFIG, samples[:4], samples[4:], options, Path(out_dir) / "fold-0", 0, context)
+        torch.save(flat(model), Path(out_dir) / f"weights-{rank}.pt")
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_ddp_on_gloo_averages_gradients_and_keeps_ranks_identical(tmp_path):
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.allclose(torch.load(tmp_path / f"grad-{rank}.pt"), torch.full((1, 4), 3.0))  # mean of 2, 4
+    assert torch.equal(torch.load(tmp_path / "weights-0.pt"), torch.load(tmp_path / "weights-1.pt"))
+    assert not torch.equal(torch.load(tmp_path / "weights-0.pt"), flat(tiny_model()))
+    assert (tmp_path / "fold-0" / "checkpoint_best.pt").is_file()  # written once, by rank 0
