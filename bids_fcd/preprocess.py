@@ -1,10 +1,84 @@
-"""Preprocessing: raw T1w + FLAIR -> model-ready template-space arrays, and the way back."""
+"""Preprocessing: raw T1w + FLAIR -> model-ready template-space arrays, and the way back.
+
+Spaces and conventions used throughout:
+
+- nibabel affines map voxel indices -> scanner (or template) RAS+ mm.
+- SimpleITK images and transforms live in LPS mm (ITK's convention): `LPS = diag(-1, -1, 1) @ RAS`.
+- A registration transform maps points of its *fixed* image to its *moving* image (the direction
+  antsApplyTransforms and fMRIPrep's `from-T1w_to-<tpl>_mode-image_xfm.txt` use). So
+  `xfm_t1w_to_template` maps template LPS points -> T1w LPS points, and resampling the T1w with it gives the
+  T1w on a template grid.
+
+The stage: load + validate + reorient to RAS -> N4 bias correction -> deepbet brain extraction of the T1w
+-> rigid FLAIR->T1w and affine T1w->template -> one interpolation per image onto the model grid ->
+`normalise_intensity` inside the brain mask.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from bids_fcd.template import Grid, load_template
 
 ROBUST_PERCENTILES = (1.0, 99.0)
+VOXEL_SIZE_LIMITS_MM = (0.1, 10.0)
+MIN_VOXELS_PER_AXIS = 8
+BRAIN_VOLUME_LIMITS_ML = (800.0, 2200.0)
+N4_SHRUNK_SPACING_MM = 6.0
+REGISTRATION_TEMPLATE_SPACING_MM = 2.0
+REGISTRATION_SEED = 20261
+QC_SMOOTHING_MM = 3.0
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+_log = logging.getLogger(__name__)
+
+
+class InvalidImageError(Exception):
+    """An input image that is not a usable 3D scalar MRI volume (the CLI maps it to exit code 65)."""
+
+    def __init__(self, path: Path | str, problem: str):
+        super().__init__(str(path), problem)
+        self.path = Path(path)
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"invalid image {self.path}: {self.problem}"
+
+
+@dataclass
+class Preprocessed:
+    """One participant's model-ready arrays on the model grid, and how they relate to the input files.
+
+    Attributes:
+        t1w: (X, Y, Z) float32 on `grid`, bias-corrected, `normalise_intensity`-scaled, 0 outside the brain.
+        flair: the same for the FLAIR, or None without one.
+        brain_mask: (X, Y, Z) uint8 on `grid`, 1 inside the brain.
+        grid: the model grid (template RAS+ mm).
+        xfm_t1w_to_template: affine mapping template LPS mm points -> T1w scanner LPS mm points.
+        xfm_flair_to_t1w: rigid mapping T1w LPS mm points -> FLAIR scanner LPS mm points, or None.
+        brain_extraction: "deepbet", or "template-fallback" when deepbet failed or gave an implausible mask.
+        qc: numbers for the report: registration quality and seconds per step.
+    """
+
+    t1w: np.ndarray
+    flair: np.ndarray | None
+    brain_mask: np.ndarray
+    grid: Grid
+    xfm_t1w_to_template: sitk.Transform
+    xfm_flair_to_t1w: sitk.Transform | None
+    brain_extraction: str
+    qc: dict = field(default_factory=dict)
 
 
 def normalise_intensity(volume: np.ndarray, brain_mask: np.ndarray) -> np.ndarray:
@@ -20,3 +94,575 @@ def normalise_intensity(volume: np.ndarray, brain_mask: np.ndarray) -> np.ndarra
     scaled = np.clip(scaled, -0.5, 3.0)
     scaled[~inside] = 0.0
     return scaled.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage's entry point
+# ---------------------------------------------------------------------------------------------------------
+
+
+def preprocess(
+    t1w_path: Path,
+    flair_path: Path | None,
+    grid: Grid,
+    n_threads: int = 1,
+    logger: logging.Logger | None = None,
+) -> Preprocessed:
+    """Bring a T1w (and FLAIR) onto the template-space model grid.
+
+    Raises:
+        InvalidImageError: an input is unreadable, not one 3D volume, empty, or has absurd voxel sizes.
+    """
+    log = logger or _log
+    seconds: dict[str, float] = {}
+    with _threads(n_threads), _timer(seconds, "load"):
+        t1w = _to_sitk(*load_ras(t1w_path))
+        flair = _to_sitk(*load_ras(flair_path)) if flair_path is not None else None
+    with _threads(n_threads):
+        with _timer(seconds, "n4"):
+            t1w = n4_bias_correct(t1w)
+            flair = n4_bias_correct(flair) if flair is not None else None
+        with _timer(seconds, "brain_extraction"):
+            mask_t1w, problem = extract_brain(t1w)
+        if problem is None:
+            with _timer(seconds, "register_t1w_to_template"):
+                xfm_t1w_to_template = register_t1w_to_template(t1w * sitk.Cast(mask_t1w, sitk.sitkFloat32))
+            brain_extraction = "deepbet"
+        else:
+            log.warning("%s: deepbet brain extraction unusable (%s); using the template brain mask", t1w_path,
+                        problem)
+            with _timer(seconds, "register_t1w_to_template"):
+                xfm_t1w_to_template = register_t1w_to_template(t1w, fixed_mask=_template_mask_sitk())
+            mask_t1w = _resample(_template_mask_sitk(), t1w, xfm_t1w_to_template.GetInverse()) >= 0.5
+            brain_extraction = "template-fallback"
+        xfm_flair_to_t1w = None
+        if flair is not None:
+            with _timer(seconds, "register_flair_to_t1w"):
+                xfm_flair_to_t1w = register_flair_to_t1w(t1w, flair, mask_t1w)
+        with _timer(seconds, "resample"):
+            reference = grid_image(grid)
+            brain_mask = _array(_resample(sitk.Cast(mask_t1w, sitk.sitkFloat32), reference,
+                                          xfm_t1w_to_template)) >= 0.5
+            if brain_extraction == "template-fallback":
+                brain_mask = template_on_grid(grid, "brain_mask") >= 0.5
+            t1w_grid = _array(_resample(t1w, reference, xfm_t1w_to_template, sitk.sitkBSpline))
+            flair_grid = None
+            if flair is not None:
+                xfm = compose(xfm_t1w_to_template, xfm_flair_to_t1w)
+                flair_grid = _array(_resample(flair, reference, xfm, sitk.sitkBSpline))
+    with _timer(seconds, "normalise"):
+        t1w_grid = normalise_intensity(t1w_grid, brain_mask)
+        flair_grid = normalise_intensity(flair_grid, brain_mask) if flair_grid is not None else None
+    qc = alignment_qc(t1w_grid, flair_grid, brain_mask, grid)
+    qc["brain_volume_ml"] = float(sitk.GetArrayViewFromImage(mask_t1w).sum() * np.prod(t1w.GetSpacing()) / 1e3)
+    qc["seconds"] = seconds
+    log.info("%s: preprocessed in %.1f s (%s); Dice vs template brain %.3f, T1w-template r %.3f",
+             t1w_path, sum(seconds.values()), brain_extraction, qc["dice_brain_mask_vs_template"],
+             qc["t1w_template_correlation"])
+    return Preprocessed(
+        t1w=t1w_grid,
+        flair=flair_grid,
+        brain_mask=brain_mask.astype(np.uint8),
+        grid=grid,
+        xfm_t1w_to_template=xfm_t1w_to_template,
+        xfm_flair_to_t1w=xfm_flair_to_t1w,
+        brain_extraction=brain_extraction,
+        qc=qc,
+    )
+
+
+def channels_array(pre: Preprocessed, channels: tuple[str, ...]) -> np.ndarray:
+    """The model input (C, X, Y, Z) float32, channels in `ModelConfig.channels` order ("T1w", "FLAIR")."""
+    volumes = {"T1w": pre.t1w, "FLAIR": pre.flair}
+    for name in channels:
+        if name not in volumes:
+            raise ValueError(f"unknown channel {name!r}; known: {sorted(volumes)}")
+        if volumes[name] is None:
+            raise ValueError(f"channel {name!r} is required but this participant was preprocessed without it")
+    return np.stack([volumes[name] for name in channels]).astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_ras(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI as one 3D float32 volume reoriented to the closest RAS+ axes.
+
+    Returns (data, affine): data (X, Y, Z) float32 with non-finite voxels set to 0, and its voxel -> scanner
+    RAS+ mm affine (scanner coordinates are unchanged by the reorientation).
+
+    Raises:
+        InvalidImageError: unreadable or corrupt file, more than one volume, not scalar, fewer than
+            8 voxels along an axis, voxel sizes outside 0.1..10 mm, or no finite non-constant intensities.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    try:
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)
+    except Exception as err:  # nibabel and its gzip backends raise many unrelated types for a damaged file
+        raise InvalidImageError(path, f"cannot be read ({type(err).__name__}: {err})") from err
+    if not np.issubdtype(data.dtype, np.integer) and not np.issubdtype(data.dtype, np.floating):
+        raise InvalidImageError(path, f"voxels are {data.dtype}, not scalar intensities")
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InvalidImageError(path, f"shape {data.shape} is not one 3D volume")
+    if min(data.shape) < MIN_VOXELS_PER_AXIS:
+        raise InvalidImageError(path, f"shape {data.shape} has fewer than {MIN_VOXELS_PER_AXIS} voxels on an axis")
+    affine = image.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InvalidImageError(path, "its affine is singular or not finite")
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    low, high = VOXEL_SIZE_LIMITS_MM
+    if np.any(zooms < low) or np.any(zooms > high):
+        raise InvalidImageError(path, f"voxel size {np.round(zooms, 4).tolist()} mm is outside {low}..{high} mm")
+    data = data.astype(np.float32)
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise InvalidImageError(path, "has no finite intensities (all NaN or infinite)")
+    data[~finite] = 0.0
+    if data.min() == data.max():
+        raise InvalidImageError(path, f"is constant (every voxel is {data.flat[0]:g})")
+    orientation = nib.io_orientation(affine)
+    data = nib.orientations.apply_orientation(data, orientation)
+    affine = affine @ nib.orientations.inv_ornt_aff(orientation, image.shape[:3])
+    return np.ascontiguousarray(data), affine
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps on SimpleITK images (LPS mm)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def n4_bias_correct(image: sitk.Image) -> sitk.Image:
+    """N4 bias-field correction, estimated on a ~6 mm shrunk copy and applied at full resolution.
+
+    The field is fitted inside an Otsu head mask; intensities are shifted to be non-negative first, as N4 works
+    on log intensities.
+    """
+    low = float(sitk.GetArrayViewFromImage(image).min())
+    if low < 0:
+        image = image - low
+    small = _bin_shrink(image, N4_SHRUNK_SPACING_MM)
+    mask = sitk.OtsuThreshold(small, 0, 1, 200) * sitk.Cast(small > 0, sitk.sitkUInt8)
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations([50] * 4)
+    n4.Execute(small, mask)
+    field = sitk.Exp(n4.GetLogBiasFieldAsImage(image))
+    return sitk.Cast(image / sitk.Cast(field, image.GetPixelID()), sitk.sitkFloat32)
+
+
+def extract_brain(t1w: sitk.Image) -> tuple[sitk.Image, str | None]:
+    """deepbet brain mask of the T1w (uint8, on its grid), and None or why it is unusable."""
+    data, affine = _ras(t1w)
+    try:
+        _, mask_image, _ = _deepbet().run(nib.Nifti1Image(data, affine))
+    except Exception as err:  # noqa: BLE001 - any deepbet failure (assertions, torch, cc3d) means: fall back
+        return sitk.Image(t1w.GetSize(), sitk.sitkUInt8), f"{type(err).__name__}: {err}"
+    mask = np.asarray(mask_image.dataobj).astype(np.uint8)
+    volume_ml = mask.sum() * np.prod(t1w.GetSpacing()) / 1000.0
+    mask_sitk = _to_sitk(mask, affine)
+    mask_sitk.CopyInformation(t1w)
+    low, high = BRAIN_VOLUME_LIMITS_ML
+    if not low <= volume_ml <= high:
+        return mask_sitk, f"mask volume {volume_ml:.0f} mL is outside {low:.0f}..{high:.0f} mL"
+    return mask_sitk, None
+
+
+def register_t1w_to_template(t1w_brain: sitk.Image, fixed_mask: sitk.Image | None = None) -> sitk.AffineTransform:
+    """Affine registration of the (brain-extracted) T1w to nilearn's brain-only template, at 2 mm.
+
+    Mattes mutual information, initialised by matching centres of mass, three levels (8, 4, 2 mm); the T1w is
+    first averaged down to ~2 mm, as finer detail only costs time at this resolution.
+    Returns the transform mapping template LPS mm points -> T1w LPS mm points.
+    """
+    fixed = _template_registration_target()
+    moving = _bin_shrink(t1w_brain, REGISTRATION_TEMPLATE_SPACING_MM)
+    initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+                                                sitk.CenteredTransformInitializerFilter.MOMENTS)
+    method = _registration_method(shrink=[4, 2, 1], sigmas_mm=[4.0, 2.0, 0.0])
+    if fixed_mask is not None:
+        method.SetMetricFixedMask(fixed_mask)
+    method.SetInitialTransform(initial, inPlace=False)
+    return _as_affine(method.Execute(fixed, moving))
+
+
+def register_flair_to_t1w(t1w: sitk.Image, flair: sitk.Image, brain_mask: sitk.Image) -> sitk.AffineTransform:
+    """Rigid registration of the FLAIR to the T1w (Mattes MI inside the dilated T1w brain mask).
+
+    Both are in the same session's scanner space, so it starts from the identity, rotating about the brain's
+    centre of mass. Returns the transform mapping T1w LPS mm points -> FLAIR LPS mm points.
+    """
+    index, size = _bounding_box(brain_mask, margin_mm=10.0)
+    fixed = sitk.RegionOfInterest(t1w, size, index)
+    mask = sitk.RegionOfInterest(sitk.BinaryDilate(brain_mask, [3, 3, 3]), size, index)
+    rigid = sitk.Euler3DTransform()
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(brain_mask)
+    rigid.SetCenter(stats.GetCentroid(1))
+    method = _registration_method(shrink=[4, 2, 1], sigmas_mm=[3.0, 1.5, 0.0])
+    method.SetMetricFixedMask(mask)
+    method.SetInitialTransform(rigid, inPlace=False)
+    return _as_affine(method.Execute(fixed, flair))
+
+
+def _registration_method(shrink: list[int], sigmas_mm: list[float]) -> sitk.ImageRegistrationMethod:
+    """Mattes MI (10% random samples, fixed seed), regular-step gradient descent with steps in ~mm."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.1, REGISTRATION_SEED)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=0.01, numberOfIterations=200,
+                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel(shrink)
+    method.SetSmoothingSigmasPerLevel(sigmas_mm)
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    return method
+
+
+def _bin_shrink(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """Average blocks of voxels so that each axis' spacing approaches `spacing_mm` (never finer than now)."""
+    return sitk.BinShrink(image, [max(1, round(spacing_mm / s)) for s in image.GetSpacing()])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transforms as 4x4 matrices, and resampling
+# ---------------------------------------------------------------------------------------------------------
+
+
+def transform_matrix(xfm: sitk.Transform) -> np.ndarray:
+    """The 4x4 homogeneous matrix of a linear SimpleITK transform (LPS mm in -> LPS mm out)."""
+    xfm = xfm.Downcast()
+    if isinstance(xfm, sitk.CompositeTransform):
+        matrix = np.eye(4)
+        for i in range(xfm.GetNumberOfTransforms()):  # the last added is applied first
+            matrix = matrix @ transform_matrix(xfm.GetNthTransform(i))
+        return matrix
+    linear = np.array(xfm.GetMatrix()).reshape(3, 3)
+    centre = np.array(xfm.GetCenter())
+    matrix = np.eye(4)
+    matrix[:3, :3] = linear
+    matrix[:3, 3] = np.array(xfm.GetTranslation()) + centre - linear @ centre
+    return matrix
+
+
+def affine_transform(matrix: np.ndarray) -> sitk.AffineTransform:
+    """A SimpleITK AffineTransform from a 4x4 LPS mm -> LPS mm matrix."""
+    xfm = sitk.AffineTransform(3)
+    xfm.SetMatrix(matrix[:3, :3].ravel().tolist())
+    xfm.SetTranslation(matrix[:3, 3].tolist())
+    return xfm
+
+
+def compose(first: sitk.Transform, then: sitk.Transform) -> sitk.AffineTransform:
+    """The affine applying `first`, then `then`, to a point (e.g. template -> T1w, then T1w -> FLAIR)."""
+    return affine_transform(transform_matrix(then) @ transform_matrix(first))
+
+
+def _as_affine(xfm: sitk.Transform) -> sitk.AffineTransform:
+    return affine_transform(transform_matrix(xfm))
+
+
+def grid_image(grid: Grid) -> sitk.Image:
+    """An empty float32 SimpleITK image with the model grid's geometry (for use as a resampling reference)."""
+    image = sitk.Image([int(s) for s in grid.shape], sitk.sitkFloat32)
+    _set_geometry(image, grid.affine)
+    return image
+
+
+def _resample(image: sitk.Image, reference: sitk.Image, xfm: sitk.Transform,
+              interpolator: int = sitk.sitkLinear) -> sitk.Image:
+    return sitk.Resample(image, reference, xfm, interpolator, 0.0, sitk.sitkFloat32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The way back: model grid -> input files' grids and scanner coordinates
+# ---------------------------------------------------------------------------------------------------------
+
+
+def template_to_native(volume_template: np.ndarray, pre: Preprocessed, t1w_path: Path,
+                       order: int = 1) -> nib.Nifti1Image:
+    """Resample a model-grid map onto the grid and affine of the original input T1w file.
+
+    For probability, saliency and uncertainty maps. `order` is the spline order (0 nearest, 1 linear); outside
+    the model grid is 0. Returns float32 with the input T1w's shape (spatial axes) and affine.
+    """
+    native = nib.load(t1w_path)
+    # native voxel -> scanner RAS -> LPS -> template LPS -> template RAS -> model grid voxel
+    tpl_from_t1w = np.linalg.inv(transform_matrix(pre.xfm_t1w_to_template))
+    matrix = (np.linalg.inv(pre.grid.affine) @ LPS_FROM_RAS @ tpl_from_t1w @ LPS_FROM_RAS @ native.affine)
+    data = ndimage.affine_transform(np.asarray(volume_template, dtype=np.float32), matrix[:3, :3],
+                                    matrix[:3, 3], output_shape=native.shape[:3], order=order, mode="constant",
+                                    cval=0.0)
+    header = native.header.copy()
+    header.set_data_dtype(np.float32)
+    header.set_slope_inter(1.0, 0.0)
+    image = nib.Nifti1Image(data.astype(np.float32), native.affine, header)
+    image.set_qform(native.get_qform(), int(native.header["qform_code"]) or 1)
+    image.set_sform(native.affine, int(native.header["sform_code"]) or 1)
+    return image
+
+
+def mask_to_template(mask_path: Path, space: str, pre: Preprocessed, t1w_path: Path,
+                     flair_path: Path | None) -> np.ndarray:
+    """A lesion mask on the T1w or FLAIR grid (`space` "T1w" / "FLAIR") -> the model grid, for training.
+
+    Returns float32 in 0..1: the fraction of each model voxel covered by the mask (linear interpolation of the
+    binary mask); threshold at 0.5 for a binary mask. The mask must have the shape of the image it is named
+    after, whose affine is used (masks are often saved with a slightly different header).
+    """
+    if space not in ("T1w", "FLAIR"):
+        raise ValueError(f"space must be 'T1w' or 'FLAIR', not {space!r}")
+    reference_path = t1w_path if space == "T1w" else flair_path
+    if reference_path is None or (space == "FLAIR" and pre.xfm_flair_to_t1w is None):
+        raise ValueError(f"{mask_path} is in FLAIR space but there is no registered FLAIR")
+    try:
+        mask = np.asanyarray(nib.load(mask_path).dataobj)
+    except Exception as err:  # as in load_ras
+        raise InvalidImageError(mask_path, f"cannot be read ({type(err).__name__}: {err})") from err
+    reference = nib.load(reference_path)
+    mask = mask.reshape(mask.shape[:3]) if mask.ndim > 3 and np.prod(mask.shape[3:]) == 1 else mask
+    if mask.shape != reference.shape[:3]:
+        raise InvalidImageError(mask_path, f"shape {mask.shape} differs from {reference_path} {reference.shape[:3]}")
+    xfm = pre.xfm_t1w_to_template if space == "T1w" else compose(pre.xfm_t1w_to_template, pre.xfm_flair_to_t1w)
+    # model grid voxel -> template RAS -> LPS -> native LPS -> RAS -> mask voxel
+    matrix = (np.linalg.inv(reference.affine) @ LPS_FROM_RAS @ transform_matrix(xfm) @ LPS_FROM_RAS
+              @ pre.grid.affine)
+    binary = (np.nan_to_num(mask.astype(np.float32)) > 0).astype(np.float32)
+    resampled = ndimage.affine_transform(binary, matrix[:3, :3], matrix[:3, 3], output_shape=pre.grid.shape,
+                                         order=1, mode="constant", cval=0.0)
+    return np.clip(resampled, 0.0, 1.0).astype(np.float32)
+
+
+def template_points_to_scanner(points_mm: np.ndarray, pre: Preprocessed) -> np.ndarray:
+    """(N, 3) template RAS+ mm points -> the T1w's scanner RAS+ mm (for cluster peaks and centroids)."""
+    points = np.atleast_2d(np.asarray(points_mm, dtype=float))
+    homogeneous = np.c_[points, np.ones(len(points))]
+    matrix = LPS_FROM_RAS @ transform_matrix(pre.xfm_t1w_to_template) @ LPS_FROM_RAS
+    return (homogeneous @ matrix.T)[:, :3]
+
+
+def write_transform(xfm: sitk.Transform, path: Path) -> None:
+    """Write a transform as ITK text (`#Insight Transform File V1.0`), readable by antsApplyTransforms."""
+    sitk.WriteTransform(xfm, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quality control
+# ---------------------------------------------------------------------------------------------------------
+
+
+def alignment_qc(t1w: np.ndarray, flair: np.ndarray | None, brain_mask: np.ndarray, grid: Grid) -> dict:
+    """Registration quality of model-grid arrays, as numbers that a wrong transform drives down.
+
+    - dice_brain_mask_vs_template: Dice of `brain_mask` and the template's brain mask (~0.96 when right).
+    - t1w_template_correlation: Pearson r of the T1w and the template T1w, both smoothed with a 3 mm Gaussian
+      (the scale an affine can match; cortical folding differs between people), inside the template brain
+      (~0.75-0.8 when right, ~0.55 when 15 degrees off).
+    - flair_t1w_gradient_correlation: Pearson r of the FLAIR's and T1w's gradient magnitudes inside the brain;
+      contrast-independent, it falls by ~0.1 per 1.5 mm of FLAIR misalignment.
+    - flair_t1w_mutual_info: normalised mutual information (Studholme, 1..2) of FLAIR and T1w in the brain.
+    """
+    template_mask = template_on_grid(grid, "brain_mask") >= 0.5
+    sigma = QC_SMOOTHING_MM / grid.spacing_mm
+    smooth_t1w = ndimage.gaussian_filter(t1w.astype(np.float32), sigma)
+    smooth_template = ndimage.gaussian_filter(template_on_grid(grid, "T1w"), sigma)
+    mask = brain_mask > 0
+    qc = {
+        "dice_brain_mask_vs_template": _dice(mask, template_mask),
+        "t1w_template_correlation": _correlation(smooth_t1w[template_mask], smooth_template[template_mask]),
+    }
+    if flair is not None:
+        qc["flair_t1w_gradient_correlation"] = _correlation(_gradient_magnitude(flair)[mask],
+                                                            _gradient_magnitude(t1w)[mask])
+        qc["flair_t1w_mutual_info"] = _normalised_mutual_information(flair[mask], t1w[mask])
+    return qc
+
+
+def qc_figures(pre: Preprocessed, out_dir: Path, prefix: str) -> dict[str, Path]:
+    """SVG figures for the participant report, three orthogonal slices each.
+
+    - "t1w_to_template": the registered T1w with the template brain's edges over it;
+    - "flair_to_t1w": the registered FLAIR with the T1w's white-matter edges over it (if a FLAIR);
+    - "brain_mask": the T1w with the brain mask outline.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    template_t1w = template_on_grid(pre.grid, "T1w")
+    white_matter = ndimage.gaussian_filter(pre.t1w, 1.0)
+    wm_level = float(np.percentile(white_matter[pre.brain_mask > 0], 60))
+    panels = {
+        "t1w_to_template": (pre.t1w, template_t1w, float(np.percentile(template_t1w, 75)), "template brain"),
+        "brain_mask": (pre.t1w, pre.brain_mask.astype(np.float32), 0.5, "brain mask"),
+    }
+    if pre.flair is not None:
+        panels["flair_to_t1w"] = (pre.flair, white_matter, wm_level, "T1w white matter")
+    centre = np.array(pre.grid.shape) // 2
+    paths = {}
+    for name, (background, contoured, level, label) in panels.items():
+        fig, axes = plt.subplots(1, 3, figsize=(9, 3.2), facecolor="black")
+        for axis, ax in enumerate(axes):
+            index = [slice(None)] * 3
+            index[axis] = int(centre[axis])
+            ax.imshow(background[tuple(index)].T, cmap="gray", origin="lower", vmin=0, vmax=1.5)
+            ax.contour(contoured[tuple(index)].T, levels=[level], colors="red", linewidths=0.6)
+            ax.set_axis_off()
+        fig.suptitle(f"{prefix}: {name.replace('_', ' ')} (red: {label})", color="white", fontsize=9)
+        path = out_dir / f"{prefix}_desc-{name.replace('_', '')}_qc.svg"
+        fig.savefig(path, facecolor="black", bbox_inches="tight")
+        plt.close(fig)
+        paths[name] = path
+    return paths
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return float(2.0 * np.logical_and(a, b).sum() / total) if total else 0.0
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def _gradient_magnitude(volume: np.ndarray) -> np.ndarray:
+    return ndimage.gaussian_gradient_magnitude(volume.astype(np.float32), sigma=1.0)
+
+
+def _normalised_mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
+    joint, _, _ = np.histogram2d(a.ravel(), b.ravel(), bins=bins)
+    joint = joint / joint.sum()
+
+    def entropy(p: np.ndarray) -> float:
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    return (entropy(joint.sum(0)) + entropy(joint.sum(1))) / entropy(joint)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Template, deepbet, numpy <-> SimpleITK
+# ---------------------------------------------------------------------------------------------------------
+
+
+def template_on_grid(grid: Grid, kind: str) -> np.ndarray:
+    """A nilearn template image ("T1w", "brain_mask", ...) linearly resampled onto `grid`, float32."""
+    return _template_on_grid(tuple(grid.shape), grid.affine.tobytes(), kind).copy()
+
+
+@lru_cache(maxsize=8)
+def _template_on_grid(shape: tuple[int, int, int], affine_bytes: bytes, kind: str) -> np.ndarray:
+    grid = Grid(shape=shape, affine=np.frombuffer(affine_bytes).reshape(4, 4))
+    template = load_template(kind)
+    image = _to_sitk(template.get_fdata(dtype=np.float32), template.affine)
+    return _array(_resample(image, grid_image(grid), sitk.Transform(3, sitk.sitkIdentity)))
+
+
+@lru_cache(maxsize=1)
+def _template_registration_target() -> sitk.Image:
+    """nilearn's brain-only T1w template, averaged down to 2 mm (the fixed image of T1w -> template)."""
+    template = load_template("T1w")
+    image = _to_sitk(template.get_fdata(dtype=np.float32), template.affine)
+    factor = round(REGISTRATION_TEMPLATE_SPACING_MM / image.GetSpacing()[0])
+    return sitk.BinShrink(image, [factor] * 3)
+
+
+@lru_cache(maxsize=1)
+def _template_mask_sitk() -> sitk.Image:
+    template = load_template("brain_mask")
+    return _to_sitk((template.get_fdata() > 0.5).astype(np.uint8), template.affine)
+
+
+@lru_cache(maxsize=2)
+def _deepbet():
+    """deepbet's model, with its weights named explicitly: they install into a generic `site-packages/data`."""
+    import torch
+    from deepbet.bet import BrainExtraction
+    from deepbet.utils import DATA_PATH
+
+    models = Path(DATA_PATH) / "models"
+    model_path, bbox_path = models / "model.pt", models / "bbox_model.pt"
+    for path in (model_path, bbox_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"deepbet weights missing: {path}")
+    with warnings.catch_warnings():  # its TorchScript weights warn that torch.jit.load is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return BrainExtraction(no_gpu=not torch.cuda.is_available(), model_path=str(model_path),
+                               bbox_model_path=str(bbox_path))
+
+
+def _to_sitk(data: np.ndarray, affine: np.ndarray) -> sitk.Image:
+    """A SimpleITK image (LPS) from an (X, Y, Z) array and its voxel -> RAS+ mm affine."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(data).transpose(2, 1, 0)))
+    _set_geometry(image, affine)
+    return image
+
+
+def _set_geometry(image: sitk.Image, affine: np.ndarray) -> None:
+    lps = LPS_FROM_RAS @ affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    # ITK directions must be orthonormal; a sheared NIfTI affine keeps its (rare, tiny) shear only in nibabel
+    u, _, vt = np.linalg.svd(lps[:3, :3] / spacing)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((u @ vt).ravel().tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+
+
+def _ras(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(X, Y, Z) array and voxel -> RAS+ mm affine of a SimpleITK image."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.array(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return _array(image), LPS_FROM_RAS @ lps
+
+
+def _array(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image).transpose(2, 1, 0).copy()
+
+
+def _bounding_box(mask: sitk.Image, margin_mm: float) -> tuple[list[int], list[int]]:
+    """(index, size) of the mask's bounding box grown by `margin_mm`, clipped to the image."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(mask)
+    box = stats.GetBoundingBox(1)
+    margin = [int(np.ceil(margin_mm / s)) for s in mask.GetSpacing()]
+    start = [max(0, b - m) for b, m in zip(box[:3], margin)]
+    stop = [min(n, b + s + m) for b, s, m, n in zip(box[:3], box[3:], margin, mask.GetSize())]
+    return start, [e - s for s, e in zip(start, stop)]
+
+
+@contextlib.contextmanager
+def _threads(n_threads: int):
+    """Limit SimpleITK and torch to `n_threads` for the block (both are process-wide settings)."""
+    import torch
+
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(), torch.get_num_threads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, n_threads))
+    torch.set_num_threads(max(1, n_threads))
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous[0])
+        torch.set_num_threads(previous[1])
+
+
+@contextlib.contextmanager
+def _timer(seconds: dict[str, float], step: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[step] = round(seconds.get(step, 0.0) + time.perf_counter() - start, 3)
