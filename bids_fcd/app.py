@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import os
 import shutil
+import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -61,10 +63,13 @@ def run_participants(args: argparse.Namespace, units: list[Participant]) -> int:
     if not Path(model_path).is_file():
         log.error("model checkpoint %s does not exist", model_path)
         return cli.EXIT_MISSING_INPUT
-    work_dir = args.work_dir or args.output_dir / "work"
+    # Each run gets its own scratch folder, so parallel jobs sharing OUTPUT_DIR never delete each other's.
+    work_root = Path(args.work_dir or args.output_dir / "work")
+    work_root.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work_root))
     n_workers = min(args.n_cpus, len(units))
     settings = ParticipantSettings(
-        bids_dir=args.bids_dir.resolve(), output_dir=args.output_dir.resolve(), work_dir=Path(work_dir).resolve(),
+        bids_dir=Path(os.path.abspath(args.bids_dir)), output_dir=args.output_dir.resolve(), work_dir=work_dir,
         model_path=Path(model_path).resolve(), device=args.device, n_threads=max(1, args.n_cpus // n_workers),
         seed=args.seed,        n_passes=args.n_passes,
     )
@@ -83,8 +88,10 @@ def run_participants(args: argparse.Namespace, units: list[Participant]) -> int:
                 results.append(future.result())
                 report_progress(index, len(units), results[-1])
     code = summarise(results)
-    if code == cli.EXIT_OK and args.work_dir is None:
+    if code == cli.EXIT_OK:
         shutil.rmtree(work_dir, ignore_errors=True)
+        if args.work_dir is None and not any(work_root.iterdir()):
+            work_root.rmdir()
     return code
 
 

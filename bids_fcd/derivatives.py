@@ -29,6 +29,8 @@ PATTERNS = [
     _ANAT + "[_desc-{desc}]_{suffix<prediction>}{extension<.json>|.json}",
 ]
 
+DOCKER_IMAGE = "bidsfcd/bids_fcd"
+
 # Files the BIDS schema does not know; listed so that the validator passes the output dataset.
 BIDSIGNORE = ["*_xfm.*", "*_prediction.json", "*.html", "figures/", "logs/", "cache/", "group/", "work/"]
 
@@ -121,7 +123,7 @@ def container_info() -> dict | None:
         return {"Type": "apptainer", "URI": os.environ.get("APPTAINER_CONTAINER")
                 or os.environ.get("SINGULARITY_CONTAINER")}
     if Path("/.dockerenv").exists() or os.environ.get("BIDS_FCD_CONTAINER") == "docker":
-        return {"Type": "docker", "Tag": f"bids_fcd:{__version__}"}
+        return {"Type": "docker", "Tag": f"{DOCKER_IMAGE}:{__version__}"}
     return None
 
 

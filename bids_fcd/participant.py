@@ -7,6 +7,8 @@ its log goes to OUTPUT_DIR/logs/<unit>.log and, on failure, a traceback to OUTPU
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -101,6 +103,7 @@ def process(unit: Participant, settings: ParticipantSettings) -> str:
     from bids_fcd.template import model_grid
 
     torch.set_num_threads(settings.n_threads)
+    tempfile.tempdir = str(settings.work_dir)  # libraries' scratch files go to --work_dir
     model_path = settings.model_path
     device = infer.select_device(settings.device)
     model, config = models.load_checkpoint(model_path, device)
@@ -152,7 +155,8 @@ class UnitWriter:
         return safe_join(self.settings.output_dir, relative)
 
     def source_uri(self, image: Path) -> str:
-        return bids_uri(Path(image).resolve().relative_to(self.settings.bids_dir))
+        """Not resolve(): DataLad inputs are symlinks into .git/annex, and the URI must name the BIDS path."""
+        return bids_uri(Path(os.path.abspath(image)).relative_to(self.settings.bids_dir))
 
     def write_preprocessed(self, pre, config: ModelConfig) -> None:
         """desc-preproc T1w/FLAIR and the brain mask in template space, with sidecars; both transforms."""
