@@ -1,0 +1,175 @@
+"""Simulated FCD type II on a small folded-brain phantom: size, place, and the imaging signs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from bids_fcd.lesions import VOLUME_RANGE_ML, LesionParams, implant_fcd, sample_lesion_params
+
+SHAPE = (40, 48, 36)
+SPACING_MM = 1.5
+
+
+@pytest.fixture(scope="module")
+def phantom() -> dict[str, np.ndarray]:
+    """A ~35 mL brain: folded 3 mm cortex over white matter around an enclosed 2 mL ventricle, with
+    MPRAGE-like T1w (WM > GM > CSF) and FLAIR (GM > WM > CSF) in arbitrary scanner units plus 1 % noise."""
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in SHAPE], indexing="ij"))
+    offset_mm = (index - (np.array(SHAPE, dtype=np.float32)[:, None, None, None] - 1) / 2) * SPACING_MM
+    radius = np.sqrt((offset_mm**2).sum(axis=0))
+    polar = np.arccos(np.clip(offset_mm[2] / np.maximum(radius, 1e-3), -1, 1))
+    azimuth = np.arctan2(offset_mm[1], offset_mm[0])
+    wm_radius = 16.0 + 3.0 * np.sin(5 * polar) * np.sin(4 * azimuth)  # gyri and sulci
+
+    def inside(edge_mm: np.ndarray | float) -> np.ndarray:
+        return np.clip((edge_mm - radius) / SPACING_MM + 0.5, 0.0, 1.0)
+
+    ventricle = inside(8.0)
+    wm = np.clip(inside(wm_radius) - ventricle, 0.0, 1.0)
+    gm = np.clip(inside(wm_radius + 3.0) - inside(wm_radius), 0.0, 1.0)
+    csf = 1.0 - gm - wm
+    rng = np.random.default_rng(0)
+    t1w = 400.0 * (1.0 * wm + 0.6 * gm + 0.2 * csf) + 4.0 * rng.standard_normal(SHAPE)
+    flair = 300.0 * (1.0 * wm + 1.25 * gm + 0.15 * csf) + 3.0 * rng.standard_normal(SHAPE)
+    return {"gm": gm, "wm": wm, "t1w": t1w.astype(np.float32), "flair": flair.astype(np.float32)}
+
+
+def _draw(phantom: dict, seed: int, **kwargs) -> LesionParams:
+    return sample_lesion_params(np.random.default_rng(seed), phantom["gm"], phantom["wm"], SPACING_MM, **kwargs)
+
+
+def _implant(phantom: dict, params: LesionParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return implant_fcd(phantom["t1w"], phantom["flair"], phantom["gm"], phantom["wm"], params, SPACING_MM)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lesion_volume_is_within_range_and_matches_the_draw(phantom, seed):
+    params = _draw(phantom, seed)
+    _, _, mask = _implant(phantom, params)
+    volume_ml = mask.sum() * SPACING_MM**3 / 1000.0
+    assert VOLUME_RANGE_ML[0] <= params.volume_ml <= VOLUME_RANGE_ML[1]
+    assert 0.5 <= volume_ml <= 8.0
+    assert volume_ml == pytest.approx(params.volume_ml, rel=0.1)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
+    assert ndimage.label(mask)[1] <= 2  # one irregular piece (and at most a detached bit of tail)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lesion_sits_at_the_grey_white_boundary(phantom, seed):
+    params = _draw(phantom, seed)
+    _, _, mask = _implant(phantom, params)
+    gm_centre, wm_centre = phantom["gm"][params.centre_vox], phantom["wm"][params.centre_vox]
+    assert 0.3 <= gm_centre <= 0.7 and 0.3 <= wm_centre <= 0.7
+    inside = mask.astype(bool)
+    # Both cortex and the white matter beneath it, and hardly any CSF.
+    assert (phantom["gm"][inside] > 0.5).mean() > 0.2
+    assert (phantom["wm"][inside] > 0.5).mean() > 0.2
+    assert (phantom["gm"] + phantom["wm"])[inside].mean() > 0.85
+
+
+@pytest.mark.parametrize("severity", [0.0, 0.5, 1.0])
+def test_flair_is_brighter_inside_the_lesion_than_the_same_tissue_outside(phantom, severity):
+    params = _draw(phantom, 1, severity=severity)
+    _, flair, mask = _implant(phantom, params)
+    inside = mask.astype(bool)
+    for tissue in ("gm", "wm"):
+        pure = phantom[tissue] > 0.8
+        assert flair[inside & pure].mean() > flair[~inside & pure].mean() * 1.03
+
+
+@pytest.mark.parametrize("severity", [0.0, 0.5, 1.0])
+def test_t1w_grey_white_contrast_is_reduced_at_the_lesion(phantom, severity):
+    params = _draw(phantom, 2, severity=severity)
+    t1w, _, mask = _implant(phantom, params)
+    inside = mask.astype(bool)
+    grey, white = inside & (phantom["gm"] > 0.8), inside & (phantom["wm"] > 0.8)
+
+    def contrast(image: np.ndarray) -> float:
+        return float(image[white].mean() - image[grey].mean())
+
+    assert contrast(t1w) < 0.9 * contrast(phantom["t1w"])
+
+
+def test_stronger_severity_gives_a_more_conspicuous_lesion(phantom):
+    rises = []
+    for severity in (0.0, 1.0):
+        params = replace(_draw(phantom, 3, severity=severity), shape_seed=5, volume_ml=2.0)
+        _, flair, mask = _implant(phantom, params)
+        inside = mask.astype(bool)
+        rises.append(float((flair - phantom["flair"])[inside].mean()))
+    assert rises[1] > 2 * rises[0] > 0
+
+
+def test_changes_follow_the_intensity_units(phantom):
+    """Raw scanner units or rescaled: the lesion is the same fraction of the local tissue intensities."""
+    params = _draw(phantom, 4, severity=0.7)
+    t1w, flair, mask = _implant(phantom, params)
+    t1w_scaled, flair_scaled, mask_scaled = implant_fcd(
+        phantom["t1w"] / 400.0, phantom["flair"] / 300.0, phantom["gm"], phantom["wm"], params, SPACING_MM
+    )
+    np.testing.assert_array_equal(mask, mask_scaled)
+    np.testing.assert_allclose(t1w_scaled * 400.0, t1w, rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(flair_scaled * 300.0, flair, rtol=1e-4, atol=1e-2)
+
+
+def test_implant_is_deterministic_and_leaves_its_inputs_alone(phantom):
+    params = _draw(phantom, 5)
+    before = phantom["t1w"].copy(), phantom["flair"].copy()
+    first, second = _implant(phantom, params), _implant(phantom, params)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(phantom["t1w"], before[0])
+    np.testing.assert_array_equal(phantom["flair"], before[1])
+    assert first[0].dtype == first[1].dtype == np.float32
+    outside = ndimage.binary_dilation(first[2], iterations=6) == 0
+    np.testing.assert_array_equal(first[1][outside], phantom["flair"][outside])
+
+
+def test_sampling_is_seeded_and_params_are_json_safe(phantom):
+    assert _draw(phantom, 6) == _draw(phantom, 6)
+    assert _draw(phantom, 6) != _draw(phantom, 7)
+    assert json.loads(json.dumps(_draw(phantom, 6).to_dict()))["centre_vox"]
+
+
+def test_exclude_mask_keeps_lesions_away(phantom):
+    exclude = np.zeros(SHAPE, dtype=bool)
+    exclude[: SHAPE[0] // 2] = True  # e.g. a tumour filling one side
+    for seed in range(4):
+        params = _draw(phantom, seed, exclude_mask=exclude)
+        _, _, mask = _implant(phantom, params)
+        assert not (mask.astype(bool) & exclude).any()
+
+
+def test_territory_mask_holds_the_lesion_core(phantom):
+    territory = np.zeros(SHAPE, dtype=bool)
+    territory[SHAPE[0] // 2 :] = True
+    for seed in range(6):
+        params = _draw(phantom, seed, territory_mask=territory)
+        assert territory[params.centre_vox]
+        _, _, core = _implant(phantom, replace(params, transmantle=False, transmantle_target_vox=None))
+        assert territory[core.astype(bool)].all()
+
+
+def test_exclude_mask_covering_everything_is_an_error(phantom):
+    with pytest.raises(ValueError, match="exclude_mask"):
+        _draw(phantom, 0, exclude_mask=np.ones(SHAPE, dtype=bool))
+
+
+def test_transmantle_tail_runs_from_the_cortex_to_the_ventricle(phantom):
+    drawn = next(p for seed in range(50) if (p := _draw(phantom, seed, severity=1.0)).transmantle)
+    params = replace(drawn, volume_ml=0.6, wm_depth_mm=3.0)  # a small core, so the tail alone nears the ventricle
+    assert (phantom["gm"] + phantom["wm"])[params.transmantle_target_vox] < 0.3
+    target = np.zeros(SHAPE, dtype=bool)
+    target[params.transmantle_target_vox] = True
+    near_ventricle = ndimage.binary_dilation(target, iterations=2)
+    _, flair, mask = _implant(phantom, params)
+    tail_end = mask.astype(bool) & near_ventricle
+    assert tail_end.any()
+    assert flair[tail_end].mean() > phantom["flair"][tail_end].mean()
+    without_tail = replace(params, transmantle=False, transmantle_target_vox=None)
+    assert (_implant(phantom, without_tail)[2].astype(bool) & near_ventricle).sum() < tail_end.sum()
