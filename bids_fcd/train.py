@@ -180,6 +180,8 @@ def run_group(args: argparse.Namespace, units: list[Participant], label_spec: La
     dist = DistContext.from_env(select_device(args.device))
     options = training_options(args)
     set_determinism(args.seed, options.deterministic)
+    # --n_cpus is the budget: DataLoader workers plus torch's threads (more threads than cores spin and stall)
+    torch.set_num_threads(max(1, args.n_cpus - options.n_workers))
     group_dir = args.output_dir / "group"
     group_dir.mkdir(parents=True, exist_ok=True)
     config, state = starting_point(args)
@@ -304,7 +306,7 @@ def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], sub
             "label": "fcd" if sample.label else "control", "fold": fold_of[j],
             "split": sample.unit.split or "n/a", "site": sample.site,
             "T1w_acq": meta.get("T1w_acq", "n/a"), "FLAIR_acq": meta.get("FLAIR_acq", "n/a"),
-            "fcd_probability": round(float(predicted.probability[j]), 4),
+            "fcd_probability": round(float(predicted.probability[j]), 6),
             "predicted": "fcd" if predicted.probability[j] >= subject_threshold else "control",
             "has_lesion_mask": sample.lesion is not None, **{k: case[k] for k in (
                 "n_clusters", "n_false_positive")},
@@ -390,7 +392,7 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
     frame.to_csv(run.group_dir / "predictions.tsv", sep="\t", index=False, na_rep="n/a")
 
     final_config = run.config.updated(
-        subject_threshold=round(subject_threshold, 4), voxel_threshold=voxel_threshold,
+        subject_threshold=subject_threshold, voxel_threshold=voxel_threshold,
         name="bids_fcd-group", model_version=f"{__version__}+group.{date.today().isoformat()}",
         training=training_record(run, metrics, subject_threshold), versions=package_versions())
     save_checkpoint(final_model.cpu(), final_config, run.group_dir / "model.pt")

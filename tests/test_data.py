@@ -11,7 +11,9 @@ import torch
 
 from bids_fcd import data
 from bids_fcd.inputs import Participant
-from tests.group_factory import tiny_samples
+from tests.group_factory import one_torch_thread, tiny_samples
+
+pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 
 
 def make_samples(labels: list[int], sites: list[str] | None = None, splits: list[str | None] | None = None,

@@ -14,10 +14,12 @@ from torch import nn
 
 from bids_fcd import engine
 from bids_fcd.models import build_model, load_checkpoint
-from tests.group_factory import TINY_CONFIG, tiny_samples
+from tests.group_factory import TINY_CONFIG, one_torch_thread, tiny_samples
 
 OPTIONS = engine.TrainOptions(epochs=3, batch_size=2, learning_rate=1e-3, patience=10, augmentation="cpu",
                               deterministic=True, seed=3)
+
+pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 
 
 def tiny_model(seed: int = 0) -> nn.Module:

@@ -1,0 +1,200 @@
+"""End to end: `group` on a tiny synthetic cohort writes every output, and `participant` uses its model.
+
+Preprocessing is replaced by model-grid samples from the synthetic generator (`tests.group_factory`), so the
+whole group level (folds, training, out-of-fold thresholds, test set, audit, report) runs in about a minute.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bids_fcd import cli, data
+from bids_fcd.models import build_model, load_checkpoint, save_checkpoint
+from tests import browser
+from tests.group_factory import TINY_CONFIG, fake_preprocess_unit, write_tiny_bids
+
+N_PARTICIPANTS = 12
+GROUP_ARGS = ["--skip_bids_validator", "--n_folds", "2", "--epochs", "2", "--batch_size", "2", "--n_cpus", "1",
+              "--n_passes", "1", "--embedding", "pca", "--deterministic", "--seed", "5"]
+EXPECTED = ["folds.tsv", "model.pt", "model.json", "predictions.tsv", "metrics.json", "MODEL_CARD.md",
+            "report.html", "combat_estimates.json", "fold-0/log.tsv", "fold-0/checkpoint_best.pt",
+            "fold-0/checkpoint_latest.pt", "fold-1/log.tsv", "fold-1/checkpoint_best.pt", "final/log.tsv",
+            "final/checkpoint_latest.pt", "figures/roc.png", "figures/pr.png", "figures/confusion.png",
+            "figures/training_curves.png", "figures/cohort.png", "figures/embeddings.png",
+            "figures/shortcut_audit.png", "figures/probabilities.png"]
+
+
+def run_group(bids: Path, out: Path, start: Path, *extra: str) -> int:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "preprocess_unit", fake_preprocess_unit)
+        return cli.main([str(bids), str(out), "group", "--model", str(start), *GROUP_ARGS, *extra])
+
+
+@pytest.fixture(scope="session")
+def starting_model(tmp_path_factory) -> Path:
+    """A randomly initialised tiny model: its config (32^3 grid of 6 mm) is what the group level trains."""
+    path = tmp_path_factory.mktemp("start") / "start.pt"
+    torch.manual_seed(0)
+    save_checkpoint(build_model(TINY_CONFIG), TINY_CONFIG, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def group_run(tmp_path_factory, starting_model) -> tuple[int, Path, Path]:
+    """(exit code, OUTPUT_DIR, BIDS_DIR) of one group run whose `split` test part holds both classes."""
+    root = tmp_path_factory.mktemp("group")
+    bids = write_tiny_bids(root / "bids", N_PARTICIPANTS)
+    out = root / "out"
+    return run_group(bids, out, starting_model), out, bids
+
+
+def test_group_level_exits_0_and_writes_every_output(group_run):
+    code, out, _ = group_run
+    assert code == 0
+    missing = [name for name in EXPECTED if not (out / "group" / name).is_file()]
+    assert not missing
+    assert "group/" in (out / ".bidsignore").read_text().split()
+
+
+def test_folds_are_leakage_free_and_the_split_is_the_test_set(group_run):
+    _, out, bids = group_run
+    folds = pd.read_csv(out / "group" / "folds.tsv", sep="\t", dtype=str)
+    assert folds["participant_id"].is_unique and len(folds) == N_PARTICIPANTS
+    participants = pd.read_csv(bids / "participants.tsv", sep="\t", dtype=str, encoding="utf-8-sig")
+    test_ids = set(participants.loc[participants["split"] == "test", "participant_id"])
+    assert set(folds.loc[folds["fold"] == "test", "participant_id"]) == test_ids
+    assert set(folds.loc[folds["fold"] != "test", "fold"]) == {"0", "1"}
+
+
+def test_model_is_a_weights_only_checkpoint_with_the_chosen_thresholds(group_run):
+    _, out, _ = group_run
+    state = torch.load(out / "group" / "model.pt", weights_only=True)
+    assert set(state) == {"state_dict", "config_json"}
+    model, config = load_checkpoint(out / "group" / "model.pt")
+    metrics = json.loads((out / "group" / "metrics.json").read_text())
+    assert config.subject_threshold == metrics["protocol"]["subject_threshold"]
+    assert config.voxel_threshold == metrics["protocol"]["voxel_threshold"]
+    assert "Youden" in config.training["threshold_rule"]
+    assert config.grid_shape == TINY_CONFIG.grid_shape and config.grid_spacing_mm == TINY_CONFIG.grid_spacing_mm
+    assert config.training["dataset"]["n_units"] == N_PARTICIPANTS and "torch" in config.versions
+    on_disk = json.loads((out / "group" / "model.json").read_text())
+    assert on_disk["subject_threshold"] == config.subject_threshold
+    with torch.no_grad():
+        outputs = model(torch.zeros(1, 2, *TINY_CONFIG.grid_shape))
+    assert outputs["voxel_logits"].shape == (1, 1, *TINY_CONFIG.grid_shape)
+
+
+def test_predictions_table_has_one_row_per_unit(group_run):
+    _, out, _ = group_run
+    table = pd.read_csv(out / "group" / "predictions.tsv", sep="\t", keep_default_na=False)
+    assert len(table) == N_PARTICIPANTS and table["participant_id"].is_unique
+    for column in ("participant_id", "session", "label", "fold", "fcd_probability", "predicted", "n_clusters",
+                   "lesion_detected", "dice", "site", "T1w_acq", "FLAIR_acq"):
+        assert column in table.columns
+    threshold = json.loads((out / "group" / "model.json").read_text())["subject_threshold"]
+    clear = (table["fcd_probability"] - threshold).abs() > 1e-6  # the table rounds to 6 decimals
+    expected = np.where(table["fcd_probability"] >= threshold, "fcd", "control")
+    assert (table["predicted"] == expected)[clear].all()
+    assert set(table.loc[table["label"] == "control", "lesion_detected"]) == {"n/a"}
+
+
+def test_metrics_have_confidence_intervals_sites_and_the_audit(group_run):
+    _, out, _ = group_run
+    metrics = json.loads((out / "group" / "metrics.json").read_text())
+    cv = metrics["cross_validation"]
+    for key in ("auroc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "f1"):
+        assert set(cv["subject"][key]) == {"value", "ci95"}
+    for key in ("detection_rate", "false_positives_per_participant", "dice"):
+        assert key in cv["lesion"]
+    assert set(cv["by_site"]) == {"siteA", "siteB"}
+    assert "test" in metrics and metrics["protocol"]["test_set"]
+    assert metrics["shortcut_audit"]["best"]["auroc"] is not None
+    assert "harmonise" in metrics["harmonisation"] and metrics["cohort"]["n_fcd"] == N_PARTICIPANTS // 2
+    assert [f["fold"] for f in metrics["folds"]] == [0, 1]
+
+
+def test_fold_logs_and_latest_checkpoints(group_run):
+    _, out, _ = group_run
+    for k in range(2):
+        with open(out / "group" / f"fold-{k}" / "log.tsv") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        assert [r["epoch"] for r in rows] == ["1", "2"] and all(float(r["val_loss"]) > 0 for r in rows)
+        latest = torch.load(out / "group" / f"fold-{k}" / "checkpoint_latest.pt", weights_only=True)
+        assert latest["finished"] and latest["epoch"] == 2
+
+
+def test_model_card_and_report_link_existing_figures(group_run):
+    _, out, _ = group_run
+    card = (out / "group" / "MODEL_CARD.md").read_text()
+    assert "Research use only" in card and "Shortcut audit" in card and "AUROC" in card
+    page = (out / "group" / "report.html").read_text()
+    links = re.findall(r'src="([^"]+)"', page)
+    assert len(links) == 8 and all((out / "group" / link).stat().st_size > 2000 for link in links)
+    for section in ("Shortcut audit", "Harmonisation", "Cohort", "Metrics"):
+        assert section in page
+
+
+@pytest.mark.skipif(browser.chromium() is None, reason="chromium is not installed")
+def test_report_renders_in_headless_chromium(group_run, tmp_path):
+    _, out, _ = group_run
+    png = browser.screenshot(out / "group" / "report.html", tmp_path / "report.png", size="1200,2000")
+    assert browser.rendered_colours(png) > 200
+
+
+def test_rerun_resumes_finished_folds_and_reproduces_the_model(group_run, starting_model, monkeypatch):
+    from bids_fcd import engine
+
+    _, out, bids = group_run
+    before = torch.load(out / "group" / "model.pt", weights_only=True)["state_dict"]
+    monkeypatch.setattr(engine.EpochRunner, "train_epoch", lambda *a: pytest.fail("a finished fold trained"))
+    assert run_group(bids, out, starting_model) == 0
+    after = torch.load(out / "group" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_split_with_patients_only_in_test_is_warned_and_reported_separately(tmp_path, starting_model):
+    """ds004199's layout: `test` holds only patients. Also: one unlabelled and one FLAIR-less participant."""
+    bids = write_tiny_bids(tmp_path / "bids", 10)
+    table = pd.read_csv(bids / "participants.tsv", sep="\t", dtype=str, encoding="utf-8-sig")
+    table.loc[table["group"] == "hc", "split"] = "train"
+    table.loc[table["participant_id"].isin(["sub-08", "sub-10"]), "split"] = "test"  # patients only
+    table.loc[table["participant_id"] == "sub-01", "group"] = "n/a"
+    table.to_csv(bids / "participants.tsv", sep="\t", index=False)
+    for path in (bids / "sub-03" / "anat").glob("*FLAIR*"):
+        path.unlink()
+    out = tmp_path / "out"
+    code = run_group(bids, out, starting_model, "--epochs", "1")
+    assert code == cli.EXIT_PARTICIPANT_FAILED  # sub-03 could not be used
+    metrics = json.loads((out / "group" / "metrics.json").read_text())
+    assert "test" not in metrics and metrics["protocol"]["split_warning"]
+    assert metrics["official_test_patients"]["subject"]["n"] == 2
+    assert list(metrics["cohort"]["left_out"]) == ["sub-03"]
+    assert any("cannot be a test set" in w for w in metrics["warnings"])
+    folds = pd.read_csv(out / "group" / "folds.tsv", sep="\t", dtype=str)
+    assert "test" not in set(folds["fold"]) and len(folds) == 8  # sub-01 unlabelled, sub-03 without FLAIR
+
+
+@pytest.mark.slow
+def test_participant_level_uses_the_group_model(group_run, tmp_path):
+    """`participant --model OUTPUT_DIR/group/model.pt` on a real (synthetic) scan: real preprocessing."""
+    from bids_fcd.synth import make_cohort
+
+    _, out, _ = group_run
+    bids = make_cohort(tmp_path / "cohort", 4, seed=3)
+    result = tmp_path / "derivatives"
+    code = cli.main([str(bids), str(result), "participant", "--participant_label", "00001", "--model",
+                     str(out / "group" / "model.pt"), "--skip_bids_validator", "--n_passes", "1"])
+    assert code == 0
+    prediction = json.loads(next(result.rglob("*_desc-fcd_prediction.json")).read_text())
+    model_json = json.loads((out / "group" / "model.json").read_text())
+    assert prediction["threshold"] == model_json["subject_threshold"]
+    assert prediction["threshold_rule"] == model_json["training"]["threshold_rule"]
+    assert prediction["model"]["name"] == "bids_fcd-group"
