@@ -165,7 +165,7 @@ def implant_fcd(
     offsets_mm = _offsets_mm(box, params.centre_vox, spacing_mm)
 
     target_voxels = params.volume_ml * 1000.0 / spacing_mm**3
-    tail_mask, tail_position = _transmantle_tail(params, box, gm, wm, offsets_mm, radius_mm, spacing_mm)
+    tail_mask, tail_position = _transmantle_tail(params, gm, wm, offsets_mm, radius_mm, spacing_mm)
     core_voxels = round(max(target_voxels - float(tail_mask.sum()), target_voxels / 2))
     core_mask, texture = _irregular_core(shape_rng, params, gm, wm, offsets_mm, radius_mm, spacing_mm, core_voxels)
     mask = core_mask | tail_mask
@@ -180,7 +180,7 @@ def implant_fcd(
     flair_gm, flair_wm = _tissue_medians(flair, flair_out[box], reference, gm_prob, wm_prob)
     t1_contrast = t1_gm - t1_wm
     flair_contrast = flair_gm - flair_wm
-    # FLAIR grey/white contrast is weak and partial-volume bound; the lesion's rise is scaled to white matter.
+    # FLAIR grey/white contrast is weak and partial-volume bound: the lesion's rise is a fraction of local WM.
     flair_unit = max(abs(flair_wm), abs(flair_contrast))
 
     # Cortical thickening: grey matter grows into the white matter below it (never into CSF).
@@ -305,7 +305,6 @@ def _irregular_core(
 
 def _transmantle_tail(
     params: LesionParams,
-    box: tuple[slice, ...],
     gm: np.ndarray,
     wm: np.ndarray,
     offsets_mm: np.ndarray,
