@@ -31,8 +31,9 @@ PATTERNS = [
 
 DOCKER_IMAGE = "bidsfcd/bids_fcd"
 
-# Files the BIDS schema does not know; listed so that the validator passes the output dataset.
-BIDSIGNORE = ["*_xfm.*", "*_prediction.json", "*.html", "figures/", "logs/", "cache/", "group/", "work/"]
+# Files the BIDS schema does not know; listed so that the validator passes the output dataset. Folders are
+# named without a trailing slash: bids-validator-deno 3 does not match `cache/` against the folder `/cache/`.
+BIDSIGNORE = ["*_xfm.*", "*_prediction.json", "*.html", "figures", "logs", "cache", "group", "work"]
 
 
 def derivative_path(source_entities: dict, subject: str, session: str | None, **entities) -> Path:

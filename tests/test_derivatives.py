@@ -96,6 +96,9 @@ def test_written_derivatives_pass_the_official_validator(tmp_path):
             write_json(path.with_name(path.name.replace(".nii.gz", ".json")),
                        {"SkullStripped": True, "Sources": ["bids:raw:sub-01/anat/sub-01_T1w.nii.gz"]})
     (out / "sub-01.html").write_text("<html></html>")
+    for folder in ("sub-01/figures", "cache/abc", "logs", "group/fold-1", "work/run-1"):
+        (out / folder).mkdir(parents=True)
+        (out / folder / "some_file.txt").write_text("not BIDS")
     errors = [i for i in run_validator(out) if i["severity"] == "error"]
     assert errors == []
 
@@ -111,4 +114,4 @@ def test_dataset_description_names_generator_and_source(tmp_path):
     assert description["GeneratedBy"][0]["Version"] == (Path(__file__).parents[1] / "version").read_text().strip()
     assert description["SourceDatasets"][0]["URL"].startswith("file://")
     ignored = (out / ".bidsignore").read_text().split()
-    assert ignored.count("*_xfm.*") == 1 and "cache/" in ignored and "group/" in ignored
+    assert ignored.count("*_xfm.*") == 1 and "cache" in ignored and "group" in ignored
