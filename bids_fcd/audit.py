@@ -1,9 +1,10 @@
-"""Shortcut audit: can scanner metadata alone tell patients from controls, and what do the learned features encode?
+"""Shortcut audit: can scanner metadata alone tell patients from controls, and what do the learned features
+encode?
 
-- `metadata_baseline`: logistic regression and random forest on acquisition metadata (BIDS `acq` labels, scanner
-  sidecar fields) and demographics (age, sex), cross-validated on the image model's own folds. In ds004199 every
-  control shares one FLAIR protocol, so metadata alone separates many patients: an image model that scores
-  no better than this may be reading the scanner, not the lesion (`shortcut_warning`).
+- `metadata_baseline`: logistic regression and random forest on acquisition metadata (BIDS `acq` labels,
+  scanner sidecar fields) and demographics (age, sex), cross-validated on the image model's own folds. In
+  ds004199 every control shares one FLAIR protocol, so metadata alone separates many patients: an image model
+  that scores no better than this may be reading the scanner, not the lesion (`shortcut_warning`).
 - `harmonise`: ComBat (neuroCombat 0.2.12) of the encoder's global-pooled features by site, with the label as
   a protected covariate, after `confounding` checks that site and label are not (nearly) collinear; its
   estimates are kept so `harmonise_new` can apply them to new participants (neuroCombatFromTraining's rule).
@@ -38,7 +39,7 @@ COLLINEAR_CRAMERS_V = 0.8  # site-label association at or above this: do not har
 MIN_BATCH = 3  # sites with fewer participants are pooled into "other" for ComBat
 
 
-# --- metadata-only baseline ---------------------------------------------------------------------------------------
+# --- metadata-only baseline ---------------------------------------------------------------------------------
 
 
 def metadata_table(samples: list[Sample]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
@@ -77,7 +78,8 @@ def _classifiers(seed: int) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     return {"logistic_regression": LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000),
-            "random_forest": RandomForestClassifier(n_estimators=100, min_samples_leaf=2, class_weight="balanced",
+            "random_forest": RandomForestClassifier(n_estimators=100, min_samples_leaf=2,
+                                                    class_weight="balanced",
                                                     random_state=seed)}
 
 
@@ -148,12 +150,12 @@ def shortcut_warning(metadata_auroc: float | None, image_auroc: float | None) ->
         return None
     image = f"{image_auroc:.3f}" if image_auroc is not None else "n/a"
     return (f"SHORTCUT RISK: acquisition metadata and demographics alone reach AUROC {metadata_auroc:.3f} "
-            f"(image model {image}) on the same folds. Patients and controls differ in scanner or protocol, so the "
-            "image model's score may reflect the acquisition rather than the lesion; check per-site metrics and "
-            "lesion detection before trusting the subject-level AUROC.")
+            f"(image model {image}) on the same folds. Patients and controls differ in scanner or protocol, "
+            "so the image model's score may reflect the acquisition rather than the lesion; check per-site "
+            "metrics and lesion detection before trusting the subject-level AUROC.")
 
 
-# --- learned features and ComBat ----------------------------------------------------------------------------------
+# --- learned features and ComBat ----------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -196,24 +198,25 @@ def confounding(batch: np.ndarray, labels: np.ndarray) -> dict:
     levels = np.unique(batch)
     table = np.array([[np.sum((batch == b) & (labels == c)) for c in (0, 1)] for b in levels])
     single_class = [str(b) for b, row in zip(levels, table) if (row > 0).sum() == 1]
-    v = float(association(table, method="cramer")) if len(levels) > 1 and table.sum(axis=0).min() > 0 else None
+    v = float(association(table,
+                          method="cramer")) if len(levels) > 1 and table.sum(axis=0).min() > 0 else None
     design = np.column_stack([(batch == b).astype(float) for b in levels] + [labels.astype(float)])
     rank_deficient = bool(np.linalg.matrix_rank(design) < design.shape[1])
     if len(levels) < 2:
         harmonise, reason = False, "one site only: nothing to harmonise"
     elif rank_deficient:
-        harmonise, reason = False, ("the label is fully determined by the site (singular design): harmonising "
-                                    "by site would remove the diagnosis itself; not harmonised")
+        harmonise, reason = False, ("the label is fully determined by the site (singular design): "
+                                    "harmonising by site would remove the diagnosis itself; not harmonised")
     elif v is not None and v >= COLLINEAR_CRAMERS_V:
         harmonise, reason = False, (f"site and label are nearly collinear (Cramér's V {v:.2f} >= "
-                                    f"{COLLINEAR_CRAMERS_V}): site effects cannot be told from disease effects; "
-                                    "not harmonised")
+                                    f"{COLLINEAR_CRAMERS_V}): site effects cannot be told from disease "
+                                    "effects; not harmonised")
     else:
         harmonise = True
         reason = f"Cramér's V {v:.2f}: harmonised by site with the label as a protected covariate"
         if single_class:
-            reason += (f"; sites with one class only ({', '.join(single_class)}) have their site effect estimated "
-                       "assuming the disease effect is the same as in mixed sites")
+            reason += (f"; sites with one class only ({', '.join(single_class)}) have their site effect "
+                       "estimated assuming the disease effect is the same as in mixed sites")
     return {"sites": [str(b) for b in levels], "table": table.tolist(), "cramers_v": v,
             "single_class_sites": single_class, "rank_deficient": rank_deficient, "harmonise": harmonise,
             "reason": reason}
@@ -231,12 +234,14 @@ def harmonise(features: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> tu
     kept = np.flatnonzero(features.std(axis=0) > 1e-8)
     covars = pd.DataFrame({"batch": np.asarray(batch).astype(str), "label": np.asarray(labels).astype(int)})
     with contextlib.redirect_stdout(io.StringIO()):  # neuroCombat prints its progress
-        result = neuroCombat(dat=features[:, kept].T, covars=covars, batch_col="batch", categorical_cols=["label"])
+        result = neuroCombat(dat=features[:, kept].T, covars=covars, batch_col="batch",
+                             categorical_cols=["label"])
     harmonised = features.copy()
     harmonised[:, kept] = result["data"].T
     found = result["estimates"]
     estimates = {"batches": [str(b) for b in found["batches"]], "kept_features": kept,
-                 **{key: np.asarray(found[key]) for key in ("var.pooled", "stand.mean", "gamma.star", "delta.star")},
+                 **{key: np.asarray(found[key]) for key in ("var.pooled", "stand.mean", "gamma.star",
+                                                            "delta.star")},
                  "mod.mean": np.asarray(found["mod.mean"]).mean(axis=1, keepdims=True)}
     return harmonised, estimates
 
@@ -311,7 +316,7 @@ def embed(features: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
     raise ValueError(f"unknown embedding {method!r}: umap, tsne or pca")
 
 
-# --- the whole audit ----------------------------------------------------------------------------------------------
+# --- the whole audit ----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -331,7 +336,8 @@ class AuditReport:
 
 def run_audit(samples: list[Sample], plan, model: nn.Module, device: torch.device, metrics: dict,
               embedding: str, seed: int) -> AuditReport:
-    """Metadata baseline on the cross-validation folds, then ComBat and embeddings of the final model's features.
+    """Metadata baseline on the cross-validation folds, then ComBat and embeddings of the final model's
+    features.
 
     `plan` is the group's `SplitPlan`; `metrics` must hold the image model's cross-validation AUROC.
     """
@@ -352,7 +358,8 @@ def run_audit(samples: list[Sample], plan, model: nn.Module, device: torch.devic
     if check["harmonise"]:
         harmonised, estimates = harmonise(features, batch, labels)
     log.info("ComBat by site: %s", check["reason"])
-    harmonisation = {**check, "n_features": int(features.shape[1]), "batch_of": "site (participants.tsv `site`, "
+    harmonisation = {**check, "n_features": int(features.shape[1]),
+                     "batch_of": "site (participants.tsv `site`, "
                      f"else T1w/FLAIR acquisition; sites under {MIN_BATCH} pooled as 'other')",
                      "site_predictability_before": site_predictability(features, batch, seed),
                      "site_predictability_after": None if harmonised is None

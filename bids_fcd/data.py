@@ -1,14 +1,15 @@
 """The group level's data: cached model-grid samples, leakage-free folds, and augmentation on CPU or GPU.
 
 - `prepare_samples` loads every labelled participant's preprocessed arrays from OUTPUT_DIR/cache (running the
-  participant-level preprocessing, in parallel processes, for those not cached yet) and maps its lesion mask to
-  the model grid. Arrays are held in memory: a (2, 112, 128, 112) float32 volume is 13 MB, ds004199 ~3 GB.
+  participant-level preprocessing, in parallel processes, for those not cached yet) and maps its lesion mask
+  to the model grid. Arrays are held in memory: a (2, 112, 128, 112) float32 volume is 13 MB, ds004199 ~3 GB.
 - `plan_splits` makes subject-level stratified folds (by label and site/acquisition), keeps a participant's
   sessions together, and honours participants.tsv's `split` when its test part holds both classes.
-- Augmentation comes in two forms. On the CPU, TorchIO per volume in the DataLoader workers (`torchio_transform`).
-  On the GPU, `BatchAugmentation` on whole batches (flips, affine grids, smooth bias, gamma, noise), split the
-  TorchIO way: `sample(generator, n) -> params` draws every random value, `apply(batch, params)` is deterministic,
-  so a logged params dict replays the exact augmentation. Arrays are (N, C, X, Y, Z), RAS+ template axes.
+- Augmentation comes in two forms. On the CPU, TorchIO per volume in the DataLoader workers
+  (`torchio_transform`). On the GPU, `BatchAugmentation` on whole batches (flips, affine grids, smooth bias,
+  gamma, noise), split the TorchIO way: `sample(generator, n) -> params` draws every random value,
+  `apply(batch, params)` is deterministic, so a logged params dict replays the exact augmentation. Arrays are
+  (N, C, X, Y, Z), RAS+ template axes.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from bids_fcd.template import Grid
 
 log = logging.getLogger("bids_fcd.data")
 
-MIN_STRATUM = 2  # strata (label x site) smaller than this per fold are merged into their label's "other" stratum
+MIN_STRATUM = 2  # label x site strata smaller than this per fold join their label's "other" stratum
 FLIP_AXIS_X = 2  # X of (N, C, X, Y, Z): left-right, the only anatomically plausible flip in template space
 
 
-# --- samples ------------------------------------------------------------------------------------------------------
+# --- samples ------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -93,7 +94,7 @@ class PreparedArrays:
 
 def preprocess_unit(unit: Participant, cache_dir: Path, grid: Grid, channels: tuple[str, ...],
                     n_threads: int) -> PreparedArrays:
-    """Cached preprocessing of one unit (the participant level's), its channels, and its lesion mask mapped."""
+    """One unit through the participant level's cached preprocessing, with its lesion mask mapped."""
     from bids_fcd.cache import load_or_preprocess
     from bids_fcd.preprocess import channels_array, mask_to_template
 
@@ -140,7 +141,7 @@ def prepare_samples(units: list[Participant], cache_dir: Path, grid: Grid, chann
     return samples, failed
 
 
-# --- splits -------------------------------------------------------------------------------------------------------
+# --- splits -------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -176,10 +177,11 @@ class SplitPlan:
 
 
 def strata_labels(labels: np.ndarray, sites: np.ndarray, n_folds: int) -> np.ndarray:
-    """Label x site strata; a stratum with fewer than `MIN_STRATUM * n_folds` members joins "<label>|other"."""
+    """Label x site strata; those under `MIN_STRATUM * n_folds` members join "<label>|other"."""
     combined = np.array([f"{label}|{site}" for label, site in zip(labels, sites)])
     counts = Counter(combined)
-    return np.array([s if counts[s] >= MIN_STRATUM * n_folds else f"{s.split('|')[0]}|other" for s in combined])
+    return np.array([s if counts[s] >= MIN_STRATUM * n_folds else f"{s.split('|')[0]}|other"
+                     for s in combined])
 
 
 def stratified_group_folds(labels: np.ndarray, sites: np.ndarray, groups: np.ndarray, n_folds: int,
@@ -201,7 +203,7 @@ def stratified_group_folds(labels: np.ndarray, sites: np.ndarray, groups: np.nda
 
 
 def assert_no_leakage(fold: np.ndarray, groups: np.ndarray) -> None:
-    """Every participant (all its sessions) sits in exactly one fold; raise AssertionError naming offenders."""
+    """Every participant (all its sessions) is in exactly one fold; AssertionError names offenders."""
     leaked = sorted({g for g in np.unique(groups) if len(np.unique(fold[groups == g])) > 1})
     if leaked:
         raise AssertionError(f"participants in more than one fold (leakage): {leaked}")
@@ -224,9 +226,10 @@ def plan_splits(samples: list[Sample], n_folds: int, seed: int) -> SplitPlan:
     warning = None
     if official.any() and not honoured:
         present = ", ".join("FCD" if c else "control" for c in sorted(test_classes))
-        warning = (f"participants.tsv `split` = test holds only {present} participants ({int(official.sum())}), "
-                   "so it cannot be a test set for subject-level classification: cross-validating over everyone "
-                   "and reporting lesion detection on the official test patients separately")
+        warning = (f"participants.tsv `split` = test holds only {present} participants "
+                   f"({int(official.sum())}), so it cannot be a test set for subject-level classification: "
+                   "cross-validating over everyone and reporting lesion detection on the official test "
+                   "patients separately")
     pool = ~official if honoured else np.ones(len(samples), dtype=bool)
     notes = []
     per_class = [len(np.unique(groups[pool & (labels == c)])) for c in (0, 1)]
@@ -240,11 +243,12 @@ def plan_splits(samples: list[Sample], n_folds: int, seed: int) -> SplitPlan:
     fold = np.full(len(samples), -1, dtype=int)
     fold[pool] = stratified_group_folds(labels[pool], sites[pool], groups[pool], n_folds, seed)
     assert_no_leakage(fold, groups)
-    return SplitPlan(fold=fold, n_folds=n_folds, test_honoured=honoured, official_test=official, warning=warning,
+    return SplitPlan(fold=fold, n_folds=n_folds, test_honoured=honoured, official_test=official,
+                     warning=warning,
                      notes=notes)
 
 
-# --- datasets and batches ---------------------------------------------------------------------------------------
+# --- datasets and batches -----------------------------------------------------------------------------------
 
 
 def sample_seed(*keys: int) -> int:
@@ -306,7 +310,7 @@ class EpochBatches(Sampler):
         return len(self.batches)
 
 
-# --- CPU augmentation: TorchIO ------------------------------------------------------------------------------------
+# --- CPU augmentation: TorchIO ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -362,7 +366,7 @@ class TorchIOAugmentation:
         return out["image"].data.float() * mask, mask, out["lesion"].data.float().clamp(0, 1)
 
 
-# --- GPU augmentation: sample -> params, apply(params) ------------------------------------------------------------
+# --- GPU augmentation: sample -> params, apply(params) ------------------------------------------------------
 
 
 class BatchAugmentation:
@@ -400,7 +404,7 @@ class BatchAugmentation:
             "rotation_deg": uniform(n, 3, bound=r.degrees) * affine[:, None],
             "scale": 1 + uniform(n, 3, bound=r.scale) * affine[:, None],
             "translation_vox": uniform(n, 3, bound=r.translation_mm / self.spacing_mm) * affine[:, None],
-            "bias": uniform(n, n_channels, 3, 3, 3, bound=r.bias_coefficient) * bias_on[:, None, None, None, None],
+            "bias": uniform(n, n_channels, 3, 3, 3, bound=r.bias_coefficient) * per_volume(bias_on),
             "gamma": torch.where(gamma_on[:, None], uniform(n, n_channels, bound=r.log_gamma).exp(),
                                  torch.ones(n, n_channels)),
             "noise_std": torch.rand(n, generator=generator) * r.noise_std * noise_on,
@@ -409,13 +413,13 @@ class BatchAugmentation:
 
     def apply(self, image: torch.Tensor, brain_mask: torch.Tensor, lesion: torch.Tensor,
               params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Augment image (N, C, X, Y, Z), brain_mask and lesion (N, 1, X, Y, Z) with `params`; deterministic."""
+        """Augment image (N, C, X, Y, Z), brain_mask and lesion (N, 1, X, Y, Z) as `params` say."""
         device = image.device
         flip = params["flip"].to(device)
         if flip.any():
-            image = torch.where(flip[:, None, None, None, None], image.flip(FLIP_AXIS_X), image)
-            brain_mask = torch.where(flip[:, None, None, None, None], brain_mask.flip(FLIP_AXIS_X), brain_mask)
-            lesion = torch.where(flip[:, None, None, None, None], lesion.flip(FLIP_AXIS_X), lesion)
+            image = torch.where(per_volume(flip), image.flip(FLIP_AXIS_X), image)
+            brain_mask = torch.where(per_volume(flip), brain_mask.flip(FLIP_AXIS_X), brain_mask)
+            lesion = torch.where(per_volume(flip), lesion.flip(FLIP_AXIS_X), lesion)
         chosen = params["affine"].nonzero().flatten().to(device)
         if len(chosen):
             theta = affine_theta(params["rotation_deg"], params["scale"], params["translation_vox"],
@@ -434,8 +438,13 @@ class BatchAugmentation:
         noise = torch.stack([
             torch.randn(image.shape[1:], generator=torch.Generator(device).manual_seed(int(s)), device=device)
             for s in params["noise_seed"]]).to(image.dtype)
-        image = image + noise * params["noise_std"].to(device=device, dtype=image.dtype)[:, None, None, None, None]
+        image = image + noise * per_volume(params["noise_std"].to(device=device, dtype=image.dtype))
         return image * brain_mask, brain_mask, lesion.clamp(0, 1)
+
+
+def per_volume(values: torch.Tensor) -> torch.Tensor:
+    """(N,) -> (N, 1, 1, 1, 1): one value per volume, broadcast over (N, C, X, Y, Z)."""
+    return values[:, None, None, None, None]
 
 
 def affine_theta(rotation_deg: torch.Tensor, scale: torch.Tensor, translation_vox: torch.Tensor,

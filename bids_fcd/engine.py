@@ -1,10 +1,12 @@
-"""The training engine: one fold's loop with early stopping, checkpoints, resume, DDP and autoencoder pre-training.
+"""The training engine: one fold's loop with early stopping, checkpoints, resume, DDP and autoencoder
+pre-training.
 
 `fit` trains one model on one fold (or, without validation samples, the final refit) and leaves in its folder
-`log.tsv`, `checkpoint_best.pt` (lowest validation loss) and `checkpoint_latest.pt` (weights, optimizer, scheduler,
-epoch, RNG states: what a resume needs; `torch.load(weights_only=True)` reads it). The loss is the subject-level BCE
-plus `voxel_loss_weight` x (BCE on every voxel-supervised volume + soft Dice on patients with a lesion mask);
-controls count as voxel-supervised with an empty map, patients without a mask train only the subject head.
+`log.tsv`, `checkpoint_best.pt` (lowest validation loss) and `checkpoint_latest.pt` (weights, optimizer,
+scheduler, epoch, RNG states: what a resume needs; `torch.load(weights_only=True)` reads it). The loss is the
+subject-level BCE plus `voxel_loss_weight` x (BCE on every voxel-supervised volume + soft Dice on patients
+with a lesion mask); controls count as voxel-supervised with an empty map, patients without a mask train only
+the subject head.
 
 Multi-GPU / multi-node: run under torchrun, which sets RANK / WORLD_SIZE / LOCAL_RANK; `DistContext.from_env`
 joins the process group and `fit` wraps the model in DistributedDataParallel (gradients averaged by DDP), each
@@ -112,7 +114,8 @@ class DistContext:
             torch.cuda.set_device(device)
         if not torch_dist.is_initialized():
             # Long timeout: rank 0 may preprocess missing participants while the others wait.
-            torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=6))
+            torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                          timeout=timedelta(hours=6))
         return cls(torch_dist.get_rank(), torch_dist.get_world_size(), device)
 
     def barrier(self) -> None:
@@ -141,7 +144,7 @@ def wrap_model(model: nn.Module, dist: DistContext) -> nn.Module:
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
-    """Seed torch and numpy; in deterministic mode also ask for deterministic kernels (warn where none exist)."""
+    """Seed torch and numpy; in deterministic mode ask for deterministic kernels (warn where none exist)."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     torch.backends.cudnn.benchmark = not deterministic
@@ -151,12 +154,12 @@ def set_determinism(seed: int, deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
-# --- loss ---------------------------------------------------------------------------------------------------------
+# --- loss ---------------------------------------------------------------------------------------------------
 
 
 def fcd_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], pos_weight: float,
              voxel_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, subject, voxel) loss of a batch; see the module docstring. Voxel terms are averaged in the brain."""
+    """(total, subject, voxel) loss of a batch (module docstring); voxel terms are averaged in the brain."""
     subject_logits = outputs["subject_logits"].float()  # (N,)
     subject = F.binary_cross_entropy_with_logits(
         subject_logits, batch["label"], pos_weight=torch.tensor(pos_weight, device=subject_logits.device))
@@ -184,7 +187,7 @@ def positive_weight(samples: list[Sample]) -> float:
     return float((labels == 0).sum() / max(1, (labels == 1).sum()))
 
 
-# --- schedule and checkpoints -------------------------------------------------------------------------------------
+# --- schedule and checkpoints -------------------------------------------------------------------------------
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int,
@@ -234,7 +237,7 @@ def load_state(path: Path, device: torch.device) -> dict | None:
         return None
 
 
-# --- the loop -----------------------------------------------------------------------------------------------------
+# --- the loop -----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -277,8 +280,8 @@ def autocast(options: TrainOptions, device: torch.device):
 class EpochRunner:
     """One fold's model, optimizer, schedule and data: `train_epoch` and `validate`."""
 
-    def __init__(self, model: nn.Module, train_samples: list[Sample], options: TrainOptions, dist: DistContext,
-                 spacing_mm: float, fold_id: int, epochs: int):
+    def __init__(self, model: nn.Module, train_samples: list[Sample], options: TrainOptions,
+                 dist: DistContext, spacing_mm: float, fold_id: int, epochs: int):
         self.model = wrap_model(model.to(dist.device), dist)
         self.train_samples = train_samples
         self.options = options
@@ -292,7 +295,8 @@ class EpochRunner:
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=options.mixed_precision == "fp16")
 
     def batches(self, epoch: int) -> EpochBatches:
-        return EpochBatches(len(self.train_samples), self.options.batch_size, self.options.seed, self.fold_id, epoch,
+        return EpochBatches(len(self.train_samples), self.options.batch_size, self.options.seed, self.fold_id,
+                            epoch,
                             rank=self.dist.rank, world=self.dist.world)
 
     def steps_per_epoch(self) -> int:
@@ -305,7 +309,8 @@ class EpochRunner:
         generator = torch.Generator().manual_seed(
             sample_seed(self.options.seed, self.fold_id, epoch, step, self.dist.rank))
         params = self.gpu_augmentation.sample(generator, batch["image"].shape[0], batch["image"].shape[1])
-        image, mask, lesion = self.gpu_augmentation.apply(batch["image"], batch["brain_mask"], batch["lesion"],
+        image, mask, lesion = self.gpu_augmentation.apply(batch["image"], batch["brain_mask"],
+                                                          batch["lesion"],
                                                           params)
         return {**batch, "image": image, "brain_mask": mask, "lesion": lesion}
 
@@ -340,7 +345,8 @@ class EpochRunner:
             n_volumes += size
             progress.set_postfix(loss=f"{totals[0] / n_volumes:.4f}")
         seconds = time.perf_counter() - started
-        mean = (totals / max(1, n_volumes)).tolist()  # plain floats: the history goes into weights-only checkpoints
+        # plain floats: the history goes into weights-only checkpoints
+        mean = (totals / max(1, n_volumes)).tolist()
         return {"train_loss": mean[0], "train_subject_loss": mean[1], "train_voxel_loss": mean[2],
                 "seconds": seconds, "volumes_per_s": n_volumes * self.dist.world / seconds}
 
@@ -352,7 +358,8 @@ class EpochRunner:
             for buffer in model.buffers():
                 torch_dist.broadcast(buffer, 0)
         model.eval()
-        loader = make_loader(samples, EpochBatches(len(samples), self.options.batch_size, 0, 0, 0, shuffle=False),
+        loader = make_loader(samples, EpochBatches(len(samples), self.options.batch_size, 0, 0, 0,
+                                                   shuffle=False),
                              None, self.options, self.dist.device)
         totals, probs, labels = np.zeros(3), [], []
         for batch in loader:
@@ -402,7 +409,8 @@ def end_of_epoch(out_dir: Path, state: dict) -> None:
 
 
 def fit(model: nn.Module, config: ModelConfig, train_samples: list[Sample], val_samples: list[Sample],
-        options: TrainOptions, out_dir: Path, fold_id: int, dist: DistContext, epochs: int | None = None) -> FitResult:
+        options: TrainOptions, out_dir: Path, fold_id: int, dist: DistContext,
+        epochs: int | None = None) -> FitResult:
     """Train `model` (in place) on one fold, resuming from `out_dir/checkpoint_latest.pt` when it matches.
 
     With validation samples: early stopping on the validation loss (`options.patience` epochs without a new
@@ -423,12 +431,13 @@ def fit(model: nn.Module, config: ModelConfig, train_samples: list[Sample], val_
     if state is not None and state.get("signature") == signature:
         runner.load(state)
         history, best_loss = list(state["history"]), state["best_loss"]
-        best_epoch, bad_epochs, start, finished = (state["best_epoch"], state["bad_epochs"], state["epoch"] + 1,
+        best_epoch, bad_epochs, start, finished = (state["best_epoch"], state["bad_epochs"],
+                                                   state["epoch"] + 1,
                                                    state["finished"])
         log.info("%s: resuming after epoch %d of %d", out_dir.name, state["epoch"], epochs)
     elif state is not None:
-        log.warning("%s: checkpoint_latest.pt is from a run with other settings or participants: starting over",
-                    out_dir.name)
+        log.warning("%s: checkpoint_latest.pt is from a run with other settings or participants: "
+                    "starting over", out_dir.name)
     best_path = out_dir / "checkpoint_best.pt" if val_samples else None
     for epoch in range(start, epochs + 1):
         if finished:
@@ -456,9 +465,9 @@ def fit(model: nn.Module, config: ModelConfig, train_samples: list[Sample], val_
         if dist.is_main:
             write_log(out_dir / "log.tsv", history)
             end_of_epoch(out_dir, {
-                "state_dict": unwrap(runner.model).state_dict(), "config_json": config.to_json(), **runner.state(),
-                "epoch": epoch, "best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                "history": history, "signature": signature, "finished": finished})
+                "state_dict": unwrap(runner.model).state_dict(), "config_json": config.to_json(),
+                **runner.state(), "epoch": epoch, "best_loss": best_loss, "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs, "history": history, "signature": signature, "finished": finished})
         dist.barrier()
         if finished and val_samples and bad_epochs >= options.patience:
             log.info("%s: early stop at epoch %d (best %d, val_loss %.4f)", out_dir.name, epoch, best_epoch,
@@ -466,7 +475,7 @@ def fit(model: nn.Module, config: ModelConfig, train_samples: list[Sample], val_
     return FitResult(best_epoch=best_epoch, history=history, best_path=best_path)
 
 
-# --- autoencoder pre-training (seeds 002 and 004) ----------------------------------------------------------------
+# --- autoencoder pre-training (seeds 002 and 004) -----------------------------------------------------------
 
 
 class AutoEncoder(nn.Module):
@@ -517,7 +526,8 @@ def pretrain_encoder(model: nn.Module, samples: list[Sample], options: TrainOpti
             batch = to_device(batch, dist.device)
             image, mask = batch["image"], batch["brain_mask"]
             if gpu_augmentation is not None:
-                generator = torch.Generator().manual_seed(sample_seed(options.seed, stream, epoch, step, dist.rank))
+                generator = torch.Generator().manual_seed(sample_seed(options.seed, stream, epoch, step,
+                                                                      dist.rank))
                 params = gpu_augmentation.sample(generator, image.shape[0], image.shape[1])
                 image, mask, _ = gpu_augmentation.apply(image, mask, batch["lesion"], params)
             with autocast(options, dist.device):
@@ -527,8 +537,8 @@ def pretrain_encoder(model: nn.Module, samples: list[Sample], options: TrainOpti
             loss.backward()
             optimizer.step()
             total += loss.item()
-        log.info("autoencoder pre-training (%s) epoch %d/%d: reconstruction MSE %.4f", out_path.parent.name, epoch,
-                 options.pretrain_epochs, total / max(1, len(batches)))
+        log.info("autoencoder pre-training (%s) epoch %d/%d: reconstruction MSE %.4f", out_path.parent.name,
+                 epoch,                  options.pretrain_epochs, total / max(1, len(batches)))
     if dist.is_main:
         save_state(out_path, {k: v.detach().cpu() for k, v in encoder.state_dict().items()})
     dist.barrier()

@@ -109,7 +109,8 @@ def youden_threshold(y_true: np.ndarray, prob: np.ndarray) -> float:
     return float(np.clip(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]], 0.0, 1.0))
 
 
-def bootstrap_samples(statistic: Callable[..., object], *arrays: np.ndarray, n_boot: int = 1000, seed: int = 0,
+def bootstrap_samples(statistic: Callable[..., object], *arrays: np.ndarray, n_boot: int = 1000,
+                      seed: int = 0,
                       groups: np.ndarray | None = None) -> list:
     """`statistic(*resampled_arrays)` for `n_boot` bootstrap resamples of the rows (all arrays together).
 
@@ -131,7 +132,8 @@ def bootstrap_samples(statistic: Callable[..., object], *arrays: np.ndarray, n_b
     return samples
 
 
-def percentile_ci(values: Sequence[float | None], n_boot: int, level: float = 0.95) -> tuple[float, float] | None:
+def percentile_ci(values: Sequence[float | None], n_boot: int, level: float = 0.95) -> tuple[float,
+                                                                                             float] | None:
     """Percentile interval of the defined values (None/NaN skipped); None when fewer than half are defined."""
     defined = [v for v in values if v is not None and not math.isnan(v)]
     if not defined or len(defined) < n_boot / 2:
@@ -141,14 +143,16 @@ def percentile_ci(values: Sequence[float | None], n_boot: int, level: float = 0.
     return float(low), float(high)
 
 
-def bootstrap_ci(statistic: Callable[..., float | None], *arrays: np.ndarray, n_boot: int = 1000, seed: int = 0,
+def bootstrap_ci(statistic: Callable[..., float | None], *arrays: np.ndarray, n_boot: int = 1000,
+                 seed: int = 0,
                  groups: np.ndarray | None = None, level: float = 0.95) -> tuple[float, float] | None:
     """Percentile bootstrap confidence interval of a scalar `statistic(*arrays)`.
 
     Resamples where the statistic is undefined (None or NaN, e.g. AUROC with one class) are skipped; None
     when fewer than half of them are defined.
     """
-    return percentile_ci(bootstrap_samples(statistic, *arrays, n_boot=n_boot, seed=seed, groups=groups), n_boot,
+    return percentile_ci(bootstrap_samples(statistic, *arrays, n_boot=n_boot, seed=seed, groups=groups),
+                         n_boot,
                          level)
 
 
@@ -161,7 +165,8 @@ def _with_ci(point: dict, samples: list[dict], keys: Sequence[str], n_boot: int)
     return result
 
 
-SUBJECT_RATES = ("auroc", "average_precision", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv",
+SUBJECT_RATES = ("auroc", "average_precision", "balanced_accuracy", "sensitivity", "specificity", "ppv",
+                 "npv",
                  "f1", "accuracy")
 
 
@@ -180,7 +185,7 @@ def subject_metrics_with_ci(y_true: np.ndarray, prob: np.ndarray, threshold: flo
 
 
 def candidate_clusters(prob: np.ndarray, voxel_threshold: float, min_voxels: int) -> tuple[np.ndarray, int]:
-    """Label image (X, Y, Z) int32 of the kept candidate clusters (1..n) and n, as `infer.find_clusters` cuts."""
+    """(X, Y, Z) int32 labels 1..n of the candidate clusters kept, and n (as `infer.find_clusters` cuts)."""
     labels, n = ndimage.label(prob >= voxel_threshold, structure=CONNECTIVITY)
     if n == 0:
         return labels.astype(np.int32), 0
@@ -203,7 +208,8 @@ def lesion_case(prob: np.ndarray, lesion: np.ndarray | None, voxel_threshold: fl
 
     Args:
         prob: (X, Y, Z) voxel-wise FCD probability.
-        lesion: (X, Y, Z) lesion mask (fraction or binary; >= 0.5 counts as lesion); an empty mask for a control
+        lesion: (X, Y, Z) lesion mask (fraction or binary; >= 0.5 counts as lesion); an empty mask for a
+        control
             (every cluster is a false positive); None when unknown (a patient without a mask).
         voxel_threshold: cut of `prob` into clusters.
         min_voxels: smallest kept cluster, in voxels of the grid.

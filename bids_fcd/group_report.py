@@ -1,8 +1,8 @@
 """The group level's human-readable outputs: group/report.html (+ figures/) and group/MODEL_CARD.md.
 
-The report opens with the verdict a reader needs first (metrics with CIs, warnings), then the figures (ROC, PR,
-confusion, probabilities, training curves, cohort, embeddings, shortcut audit), then the tables. Figures are
-PNG files under group/figures/, linked relatively, so the folder can be moved or zipped as a whole.
+The report opens with the verdict a reader needs first (metrics with CIs, warnings), then the figures (ROC,
+PR, confusion, probabilities, training curves, cohort, embeddings, shortcut audit), then the tables. Figures
+are PNG files under group/figures/, linked relatively, so the folder can be moved or zipped as a whole.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def metric_rows(metrics: dict) -> list[list[str]]:
     return rows
 
 
-# --- figures ------------------------------------------------------------------------------------------------------
+# --- figures ------------------------------------------------------------------------------------------------
 
 
 def _figure(rows: int = 1, columns: int = 1, figsize: tuple[float, float] = (5, 5), squeeze: bool = True):
@@ -97,7 +97,8 @@ def _curves(summary: GroupSummary) -> list[tuple[str, np.ndarray, np.ndarray]]:
     for name, rows in (("image model, out-of-fold", frame[frame["fold"] != "test"]),
                        ("image model, test set", frame[frame["fold"] == "test"])):
         if len(rows) and rows["label"].nunique() == 2:
-            curves.append((name, (rows["label"] == "fcd").to_numpy().astype(int), rows["fcd_probability"].to_numpy()))
+            curves.append((name, (rows["label"] == "fcd").to_numpy().astype(int),
+                           rows["fcd_probability"].to_numpy()))
     if summary.audit.metadata_roc is not None and len(np.unique(summary.audit.metadata_roc[0])) == 2:
         curves.append(("metadata only (shortcut audit)", *summary.audit.metadata_roc))
     return curves
@@ -131,7 +132,8 @@ def confusion_figure(summary: GroupSummary, figures: Path) -> tuple[str, Path]:
                                              ("test set", frame[frame["fold"] == "test"])) if len(rows)]
     fig, axes = _figure(1, len(parts), figsize=(4 * len(parts), 3.6), squeeze=False)
     for ax, (name, rows) in zip(axes[0], parts):
-        matrix = np.array([[np.sum((rows["label"] == t) & (rows["predicted"] == p)) for p in ("control", "fcd")]
+        matrix = np.array([[np.sum((rows["label"] == t) & (rows["predicted"] == p)) for p in ("control",
+                                                                                              "fcd")]
                            for t in ("control", "fcd")])
         ax.imshow(matrix, cmap="Blues")
         for (i, j), value in np.ndenumerate(matrix):
@@ -168,7 +170,8 @@ def training_figure(summary: GroupSummary, figures: Path) -> tuple[str, Path]:
                      color=line.get_color(), label=f"fold {k}")
         axes[2].plot(epochs, [h["lr"] for h in history], color=line.get_color())
     if summary.final_history:
-        axes[0].plot([h["epoch"] for h in summary.final_history], [h["train_loss"] for h in summary.final_history],
+        axes[0].plot([h["epoch"] for h in summary.final_history],
+                     [h["train_loss"] for h in summary.final_history],
                      color="black", linewidth=2, label="final refit train")
     axes[0].set(xlabel="epoch", ylabel="loss", title="Loss (solid train, dashed validation)")
     axes[0].legend(fontsize=7, ncol=2)
@@ -198,7 +201,8 @@ def cohort_figure(summary: GroupSummary, figures: Path) -> tuple[str, Path]:
 
 def embedding_figure(summary: GroupSummary, figures: Path) -> tuple[str, Path]:
     emb = summary.audit.embeddings
-    panels = [("before ComBat", emb["before"])] + ([("after ComBat", emb["after"])] if emb["after"] is not None
+    panels = [("before ComBat", emb["before"])] + ([("after ComBat",
+                                                     emb["after"])] if emb["after"] is not None
                                                    else [])
     fig, axes = _figure(2, len(panels), figsize=(5.5 * len(panels), 9), squeeze=False)
     labels, sites = np.asarray(emb["label"]), np.asarray(emb["site"]).astype(str)
@@ -206,7 +210,8 @@ def embedding_figure(summary: GroupSummary, figures: Path) -> tuple[str, Path]:
     for column, (title, points) in enumerate(panels):
         for label, name in ((0, "control"), (1, "fcd")):
             chosen = labels == label
-            axes[0, column].scatter(points[chosen, 0], points[chosen, 1], s=16, color=COLOURS[name], label=name)
+            axes[0, column].scatter(points[chosen, 0], points[chosen, 1], s=16, color=COLOURS[name],
+                                    label=name)
         for site, colour in site_colours.items():
             chosen = sites == site
             axes[1, column].scatter(points[chosen, 0], points[chosen, 1], s=16, color=colour, label=site)
@@ -242,7 +247,7 @@ def make_figures(summary: GroupSummary, figures: Path) -> list[tuple[str, Path]]
     return items
 
 
-# --- report.html --------------------------------------------------------------------------------------------------
+# --- report.html --------------------------------------------------------------------------------------------
 
 
 def _table(rows: list[list], header: list[str]) -> str:
@@ -274,8 +279,10 @@ def write_report(group_dir: Path, summary: GroupSummary) -> Path:
                           f'alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption></figure>'
                           for t, p in figures)
     audit_rows = [[name, ", ".join(entry["columns"]), _fmt(entry.get("logistic_regression")),
-                   _fmt(entry.get("random_forest"))] for name, entry in audit.shortcut["feature_sets"].items()]
-    fold_rows = [[f["fold"], f["n_train"], f["n_val"], f["epochs_run"], f["best_epoch"], _fmt(f["best_val_loss"], 4)]
+                   _fmt(entry.get("random_forest"))]
+                  for name, entry in audit.shortcut["feature_sets"].items()]
+    fold_rows = [[f["fold"], f["n_train"], f["n_val"], f["epochs_run"], f["best_epoch"],
+                  _fmt(f["best_val_loss"], 4)]
                  for f in metrics["folds"]]
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>bids_fcd group report</title>
@@ -283,29 +290,31 @@ def write_report(group_dir: Path, summary: GroupSummary) -> Path:
 body {{ font-family: sans-serif; margin: 2em; max-width: 1400px; color: #222; }}
 .notice {{ background: #fff3cd; border: 1px solid #e0c060; padding: .6em 1em; }}
 .warning {{ background: #fde0e0; border: 1px solid #b00020; padding: .6em 1em; }}
-table {{ border-collapse: collapse; margin: .5em 0; }} td, th {{ border: 1px solid #ccc; padding: .2em .6em; }}
+table {{ border-collapse: collapse; margin: .5em 0; }}
+td, th {{ border: 1px solid #ccc; padding: .2em .6em; }}
 figure {{ display: inline-block; margin: .5em; vertical-align: top; }} img {{ max-width: 680px; }}
 .headline {{ font-size: 1.25em; }}
 </style></head><body>
 <h1>bids_fcd group report: {html.escape(config.name)} {html.escape(config.model_version)}</h1>
 <p class="notice"><strong>{html.escape(NOTICE)}</strong></p>
 <h2>Summary</h2>
-<p class="headline">Cross-validated ({metrics['protocol']['n_folds']} folds, {cv['n']} units, {cv['n_positive']} FCD):
-AUROC <strong>{_fmt(cv['auroc'])}</strong>, balanced accuracy <strong>{_fmt(cv['balanced_accuracy'])}</strong>,
-lesion detection rate <strong>{_fmt(metrics['cross_validation']['lesion']['detection_rate'])}</strong>
-(95% bootstrap CIs).</p>
+<p class="headline">Cross-validated ({metrics['protocol']['n_folds']} folds, {cv['n']} units,
+{cv['n_positive']} FCD): AUROC <strong>{_fmt(cv['auroc'])}</strong>,
+balanced accuracy <strong>{_fmt(cv['balanced_accuracy'])}</strong>, lesion detection rate
+<strong>{_fmt(metrics['cross_validation']['lesion']['detection_rate'])}</strong> (95% bootstrap CIs).</p>
 <p>Subject threshold {config.subject_threshold:.4f}: {html.escape(metrics['protocol']['threshold_rule'])}.
 Voxel threshold {config.voxel_threshold:.2f}: {html.escape(metrics['protocol']['voxel_threshold_rule'])}.
-Final model: {html.escape(metrics['protocol']['final_model'])}. Architecture {html.escape(config.architecture)},
-channels {html.escape(', '.join(config.channels))}, grid {list(config.grid_shape)} at {config.grid_spacing_mm} mm;
-bids_fcd {html.escape(__version__)}.</p>
+Final model: {html.escape(metrics['protocol']['final_model'])}.
+Architecture {html.escape(config.architecture)}, channels {html.escape(', '.join(config.channels))},
+grid {list(config.grid_shape)} at {config.grid_spacing_mm} mm; bids_fcd {html.escape(__version__)}.</p>
 {warnings}
 <h2>Metrics</h2>
 {_table(metric_rows(metrics), ["evaluation", "metric", "value [95% CI]"])}
 <h2>Figures</h2>
 {figure_html}
 <h2>Shortcut audit</h2>
-<p>Metadata-only classifiers on the image model's folds; image model AUROC {_fmt(audit.shortcut['image_auroc'])}.
+<p>Metadata-only classifiers on the image model's folds;
+image model AUROC {_fmt(audit.shortcut['image_auroc'])}.
 Rule: {html.escape(audit.shortcut['rule'])}.
 {html.escape(audit.shortcut.get('warning') or 'No shortcut warning.')}</p>
 {_table(audit_rows, ["feature set", "columns", "logistic regression AUROC", "random forest AUROC"])}
@@ -318,17 +327,18 @@ site predictable from features (balanced accuracy) before {_fmt(harm['site_predi
 {_table(cohort_rows(summary.cohort), ["site", "label", "split", "units", "age (mean ± sd)", "F / M"])}
 <h2>Folds</h2>
 {_table(fold_rows, ["fold", "train units", "validation units", "epochs run", "best epoch", "best val loss"])}
-<p>Files: model.pt, model.json, folds.tsv, predictions.tsv, metrics.json, MODEL_CARD.md, fold-&lt;k&gt;/log.tsv.</p>
+<p>Files: model.pt, model.json, folds.tsv, predictions.tsv, metrics.json, MODEL_CARD.md,
+fold-&lt;k&gt;/log.tsv.</p>
 </body></html>
 """
     return write_text(group_dir / "report.html", page)
 
 
-# --- MODEL_CARD.md ------------------------------------------------------------------------------------------------
+# --- MODEL_CARD.md ------------------------------------------------------------------------------------------
 
 
 def write_model_card(path: Path, summary: GroupSummary) -> Path:
-    """A model card (Mitchell et al. 2019): details, intended use, data, training, evaluation, audit, limits."""
+    """A model card (Mitchell et al. 2019): details, use, data, training, evaluation, audit, limits."""
     config, metrics = summary.config, summary.metrics
     data, protocol = config.training["dataset"], metrics["protocol"]
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in metric_rows(metrics))
@@ -349,9 +359,9 @@ def write_model_card(path: Path, summary: GroupSummary) -> Path:
 - Trained by bids_fcd {__version__} on {config.training['date']}; package versions in model.json.
 
 ## Intended use
-Research on focal cortical dysplasia detection in T1w + FLAIR MRI: ranking scans and marking candidate regions
-for expert review. Out of scope: clinical use, other pathologies, other input contrasts, populations or scanners
-unlike the training data.
+Research on focal cortical dysplasia detection in T1w + FLAIR MRI: ranking scans and marking candidate
+regions for expert review. Out of scope: clinical use, other pathologies, other input contrasts, populations
+or scanners unlike the training data.
 
 ## Training data
 - Dataset: `{data['bids_dir']}`; {data['n_units']} units from {data['n_participants']} participants
@@ -361,8 +371,9 @@ unlike the training data.
 - Left out: {len(left_out)} unit(s){': ' + ', '.join(left_out) if left_out else ''}.
 
 ## Training procedure
-- {protocol['n_folds']}-fold subject-level cross-validation, stratified by label and site/acquisition, sessions of
-  a participant kept together (folds.tsv). Test set: {protocol['test_set'] or 'none (see warnings)'}.
+- {protocol['n_folds']}-fold subject-level cross-validation, stratified by label and site/acquisition,
+  sessions of a participant kept together (folds.tsv).
+  Test set: {protocol['test_set'] or 'none (see warnings)'}.
 - Options: `{config.training['options']}`.
 - Final model: {protocol['final_model']}.
 - Subject threshold: {protocol['threshold_rule']}. Voxel threshold: {protocol['voxel_threshold_rule']}.

@@ -1,13 +1,15 @@
-"""The group level: train on the labelled cohort with subject-level cross-validation and write OUTPUT_DIR/group/.
+"""The group level: train on the labelled cohort with subject-level cross-validation and write
+OUTPUT_DIR/group/.
 
     cached participants -> folds -> K models (early stopping) -> out-of-fold predictions -> thresholds
     -> final model (refit on every cross-validated participant) -> metrics, shortcut audit, model card, report
 
 Final model: refit on all cross-validation participants for the median of the folds' best epochs (ClinicaDL /
-nnU-Net practice; one network, so `participant --model OUTPUT_DIR/group/model.pt` reads it like any checkpoint).
-The fold models stay in `group/fold-<k>/checkpoint_best.pt`; the thresholds stored with the final model are
-chosen on the fold models' out-of-fold predictions (`evaluate.THRESHOLD_RULE`, `evaluate.VOXEL_THRESHOLD_RULE`),
-made exactly as the participant level makes them (`infer.predict`, same `--n_passes`).
+nnU-Net practice; one network, so `participant --model OUTPUT_DIR/group/model.pt` reads it like any
+checkpoint). The fold models stay in `group/fold-<k>/checkpoint_best.pt`; the thresholds stored with the final
+model are chosen on the fold models' out-of-fold predictions (`evaluate.THRESHOLD_RULE`,
+`evaluate.VOXEL_THRESHOLD_RULE`), made exactly as the participant level makes them (`infer.predict`, same
+`--n_passes`).
 
 Multi-GPU: `torchrun --nproc_per_node=N run.py BIDS_DIR OUTPUT_DIR group ...` (see `bids_fcd.engine`).
 """
@@ -46,9 +48,10 @@ def training_options(args: argparse.Namespace) -> TrainOptions:
     """TrainOptions from the group-level command line."""
     return TrainOptions(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        grad_accum_steps=args.grad_accum_steps, patience=args.patience, mixed_precision=args.mixed_precision,
-        deterministic=args.deterministic, augmentation=args.augmentation, pretrain_epochs=args.pretrain_epochs,
-        seed=args.seed, n_workers=min(4, args.n_cpus // 2),
+        grad_accum_steps=args.grad_accum_steps, patience=args.patience,
+        mixed_precision=args.mixed_precision, deterministic=args.deterministic,
+        augmentation=args.augmentation, pretrain_epochs=args.pretrain_epochs, seed=args.seed,
+        n_workers=min(4, args.n_cpus // 2),
     )
 
 
@@ -80,11 +83,13 @@ def starting_point(args: argparse.Namespace) -> tuple[ModelConfig, dict | None]:
     if {"architecture", "arch_params"} & set(changes) or args.from_scratch:
         state = None
     if path is not None and state is None:
-        log.info("training from random initialisation (--from_scratch, or another architecture or arch_params)")
+        log.info("training from random initialisation (--from_scratch, or another architecture or "
+                 "arch_params)")
     return config.updated(**changes), state
 
 
-def select_units(units: list[Participant], channels: tuple[str, ...]) -> tuple[list[Participant], dict[str, tuple]]:
+def select_units(units: list[Participant],
+                 channels: tuple[str, ...]) -> tuple[list[Participant], dict[str, tuple]]:
     """Units that can train (labelled, with the images the model needs) and {name: (exit code, why)} for
     those missing an image. Unlabelled units are left out with a log line (they are not failures)."""
     usable, failed = [], {}
@@ -92,7 +97,8 @@ def select_units(units: list[Participant], channels: tuple[str, ...]) -> tuple[l
         if unit.label is None:
             log.info("%s: no label in participants.tsv (or n/a): left out of training", unit.name)
         elif unit.t1w is None or ("FLAIR" in channels and unit.flair is None):
-            failed[unit.name] = (cli.EXIT_MISSING_INPUT, "no T1w image" if unit.t1w is None else "no FLAIR image")
+            failed[unit.name] = (cli.EXIT_MISSING_INPUT,
+                                 "no T1w image" if unit.t1w is None else "no FLAIR image")
             log.error("%s: %s; left out of training", unit.name, failed[unit.name][1])
         else:
             usable.append(unit)
@@ -146,7 +152,8 @@ def predict_samples(model: torch.nn.Module, config: ModelConfig, samples: list[S
 
     probability, maps = [], []
     for i in indices:
-        prediction = predict(model, config, samples[i].image, samples[i].brain_mask, device, n_passes=n_passes,
+        prediction = predict(model, config, samples[i].image, samples[i].brain_mask, device,
+                             n_passes=n_passes,
                              seed=seed)
         probability.append(prediction.fcd_probability)
         maps.append(prediction.prob_template.astype(np.float16))
@@ -228,12 +235,13 @@ def run_group(args: argparse.Namespace, units: list[Participant], label_spec: La
     if not dist.is_main:
         return cli.EXIT_OK
 
-    finish_group(GroupRun(args, label_spec, config, samples, plan, results, final_result, final_epochs, failed,
+    finish_group(GroupRun(args, label_spec, config, samples, plan, results, final_result, final_epochs,
+                          failed,
                           options, dist.device), final_model)
     return cli.EXIT_PARTICIPANT_FAILED if failed else cli.EXIT_OK
 
 
-# --- after training: out-of-fold predictions, thresholds, metrics, audit, outputs ------------------------------
+# --- after training: out-of-fold predictions, thresholds, metrics, audit, outputs ---------------------------
 
 
 @dataclass
@@ -270,7 +278,8 @@ def out_of_fold(run: GroupRun) -> Predicted:
         model, _ = load_checkpoint(run.group_dir / f"fold-{k}" / "checkpoint_best.pt", run.device)
         parts.append(predict_samples(model, run.config, run.samples, run.plan.fold_indices(k)[1], run.device,
                                      run.args.n_passes, run.args.seed))
-    return Predicted(np.concatenate([p.indices for p in parts]), np.concatenate([p.probability for p in parts]),
+    return Predicted(np.concatenate([p.indices for p in parts]),
+                     np.concatenate([p.probability for p in parts]),
                      [m for p in parts for m in p.maps])
 
 
@@ -282,7 +291,8 @@ def thresholds(run: GroupRun, oof: Predicted) -> tuple[float, float, str]:
     with_mask = [j for j, i in enumerate(oof.indices) if run.samples[i].label == 1
                  and run.samples[i].lesion is not None]
     if not with_mask:
-        return subject, run.config.voxel_threshold, "kept from the starting model (no lesion masks to tune on)"
+        return subject, run.config.voxel_threshold, ("kept from the starting model (no lesion masks to "
+                                                     "tune on)")
     voxel = choose_voxel_threshold([oof.maps[j] for j in with_mask],
                                    [run.samples[oof.indices[j]].lesion for j in with_mask])
     return subject, voxel, VOXEL_THRESHOLD_RULE
@@ -308,9 +318,9 @@ def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], sub
             "T1w_acq": meta.get("T1w_acq", "n/a"), "FLAIR_acq": meta.get("FLAIR_acq", "n/a"),
             "fcd_probability": round(float(predicted.probability[j]), 6),
             "predicted": "fcd" if predicted.probability[j] >= subject_threshold else "control",
-            "has_lesion_mask": sample.lesion is not None, **{k: case[k] for k in (
-                "n_clusters", "n_false_positive")},
-            "lesion_detected": case["detected"], "dice": None if case["dice"] is None else round(case["dice"], 4),
+            "has_lesion_mask": sample.lesion is not None, "n_clusters": case["n_clusters"],
+            "n_false_positive": case["n_false_positive"], "lesion_detected": case["detected"],
+            "dice": None if case["dice"] is None else round(case["dice"], 4),
         })
     return rows
 
@@ -324,9 +334,9 @@ def cohort_metrics(frame: pd.DataFrame, threshold: float, n_boot: int, seed: int
                   else int(r.n_false_positive), "detected": None if pd.isna(r.lesion_detected)
                   else bool(r.lesion_detected), "dice": None if pd.isna(r.dice) else float(r.dice)}
                  for r in rows.itertuples()]
-        return {"subject": subject_metrics_with_ci((rows["label"] == "fcd").to_numpy().astype(int),
-                                                   rows["fcd_probability"].to_numpy(), threshold, n_boot, seed,
-                                                   groups=rows["participant_id"].to_numpy()),
+        labels = (rows["label"] == "fcd").to_numpy().astype(int)
+        return {"subject": subject_metrics_with_ci(labels, rows["fcd_probability"].to_numpy(), threshold,
+                                                   n_boot, seed, groups=rows["participant_id"].to_numpy()),
                 "lesion": lesion_metrics_with_ci(cases, n_boot, seed)}
 
     result = compute(frame)
@@ -335,7 +345,7 @@ def cohort_metrics(frame: pd.DataFrame, threshold: float, n_boot: int, seed: int
 
 
 def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
-    """Out-of-fold evaluation, thresholds, test set, audit; then model.pt, predictions, metrics, card, report."""
+    """OOF evaluation, thresholds, test set, audit; then model.pt, predictions, metrics, card, report."""
     from bids_fcd import audit
     from bids_fcd.evaluate import THRESHOLD_RULE
     from bids_fcd.group_report import GroupSummary, write_model_card, write_report
@@ -344,13 +354,16 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
     args, plan, samples = run.args, run.plan, run.samples
     oof = out_of_fold(run)
     subject_threshold, voxel_threshold, voxel_rule = thresholds(run, oof)
-    log.info("thresholds from out-of-fold predictions: subject %.3f, voxel %.2f", subject_threshold, voxel_threshold)
-    rows = prediction_rows(run, oof, [str(plan.fold[i]) for i in oof.indices], subject_threshold, voxel_threshold)
+    log.info("thresholds from out-of-fold predictions: subject %.3f, voxel %.2f", subject_threshold,
+             voxel_threshold)
+    rows = prediction_rows(run, oof, [str(plan.fold[i]) for i in oof.indices], subject_threshold,
+                           voxel_threshold)
     if plan.test_honoured:
         final_model = final_model.to(run.device)
         test = predict_samples(final_model, run.config, samples, plan.test_indices, run.device, args.n_passes,
                                args.seed)
-        rows += prediction_rows(run, test, ["test"] * len(plan.test_indices), subject_threshold, voxel_threshold)
+        rows += prediction_rows(run, test, ["test"] * len(plan.test_indices), subject_threshold,
+                                voxel_threshold)
     frame = pd.DataFrame(rows)
     cv_rows, test_rows = frame[frame["fold"] != "test"], frame[frame["fold"] == "test"]
     metrics: dict = {
@@ -360,13 +373,14 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
             "subject_threshold": subject_threshold, "threshold_rule": THRESHOLD_RULE,
             "voxel_threshold": voxel_threshold, "voxel_threshold_rule": voxel_rule,
             "min_cluster_mm3": run.config.min_cluster_mm3, "n_bootstrap": N_BOOTSTRAP,
-            "final_model": f"refit on all {len(plan.cv_indices)} cross-validation units for {run.final_epochs} "
-                           "epochs (median best epoch of the folds)",
+            "final_model": f"refit on all {len(plan.cv_indices)} cross-validation units for "
+                           f"{run.final_epochs} epochs (median best epoch of the folds)",
             "predictions": f"infer.predict with {args.n_passes} pass(es), as the participant level"},
         "cohort": {"n_units": len(samples), "n_participants": len({s.participant_id for s in samples}),
                    "n_fcd": int(run.labels.sum()), "n_control": int((run.labels == 0).sum()),
                    "n_with_lesion_mask": sum(s.lesion is not None for s in samples),
-                   "left_out": {name: {"exit_code": code, "reason": why} for name, (code, why) in run.failed.items()}},
+                   "left_out": {name: {"exit_code": code, "reason": why}
+                                for name, (code, why) in run.failed.items()}},
         "cross_validation": cohort_metrics(cv_rows, subject_threshold, N_BOOTSTRAP, args.seed),
         "folds": [{"fold": k, "best_epoch": r.best_epoch, "epochs_run": len(r.history),
                    "best_val_loss": min((h["val_loss"] for h in r.history), default=None),
@@ -408,7 +422,8 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
 def training_record(run: GroupRun, metrics: dict, subject_threshold: float) -> dict:
     """ModelConfig.training of the final model: data, folds, options, rules and headline metrics."""
     cv = metrics["cross_validation"]
-    headline = {f"cv_{k}": cv["subject"][k] for k in ("auroc", "balanced_accuracy", "sensitivity", "specificity")}
+    headline = {f"cv_{k}": cv["subject"][k] for k in ("auroc", "balanced_accuracy", "sensitivity",
+                                                      "specificity")}
     headline.update({f"cv_lesion_{k}": cv["lesion"][k] for k in ("detection_rate", "dice")})
     if "test" in metrics:
         headline.update({f"test_{k}": metrics["test"]["subject"][k] for k in ("auroc", "balanced_accuracy")})

@@ -28,7 +28,8 @@ SITES = (("siteA", "mprage", "spc3d"), ("siteB", "tfl3d", "tra3mm"))
 
 @lru_cache(maxsize=256)
 def tiny_arrays(seed: int, with_lesion: bool) -> PreparedArrays:
-    """(2, 32, 32, 32) T1w + FLAIR, brain mask and lesion (None for controls) for one synthetic participant."""
+    """(2, 32, 32, 32) T1w + FLAIR, brain mask and lesion (None for controls) for one synthetic
+    participant."""
     from bids_fcd.synth import synth_template_sample
 
     t1w, flair, brain, lesion = synth_template_sample(np.random.default_rng(seed), TINY_GRID, with_lesion)
@@ -48,7 +49,8 @@ def tiny_participant(index: int, n: int, session: str | None = None) -> Particip
     row = participant_row(index, n)
     site = next(s for s in SITES if s[0] == row["site"])
     label = int(row["group"] == "fcd")
-    metadata = {**{k: v for k, v in row.items() if k != "participant_id"}, "T1w_acq": site[1], "FLAIR_acq": site[2],
+    metadata = {**{k: v for k, v in row.items() if k != "participant_id"}, "T1w_acq": site[1],
+                "FLAIR_acq": site[2],
                 "FLAIR_RepetitionTime": 5.0 if site[0] == "siteA" else 9.0}
     return Participant(subject=row["participant_id"][4:], session=session, t1w=Path("t1w.nii.gz"),
                        flair=Path("flair.nii.gz"), lesion_mask=Path("roi.nii.gz") if label else None,
@@ -57,7 +59,8 @@ def tiny_participant(index: int, n: int, session: str | None = None) -> Particip
 
 
 def tiny_samples(n: int, seed: int = 0) -> list[Sample]:
-    """`n` samples: alternating control / FCD (patients with a lesion mask), two sites, last quarter `test`."""
+    """`n` samples: alternating control / FCD (patients with a lesion mask), two sites, last quarter
+    `test`."""
     samples = []
     for index in range(n):
         unit = tiny_participant(index, n)
@@ -85,7 +88,8 @@ def write_tiny_bids(root: Path, n: int) -> Path:
     return root
 
 
-def fake_preprocess_unit(unit: Participant, cache_dir: Path, grid, channels, n_threads: int) -> PreparedArrays:
+def fake_preprocess_unit(unit: Participant, cache_dir: Path, grid, channels,
+                         n_threads: int) -> PreparedArrays:
     """Stands in for `data.preprocess_unit` (real preprocessing) in end-to-end tests: same contract, synthetic
     arrays keyed by the participant's number."""
     assert tuple(grid.shape) == TINY_CONFIG.grid_shape, "the run must use the starting model's grid"

@@ -21,7 +21,8 @@ def metadata_samples(flair_acq: list[str], labels: list[int], seed: int = 0) -> 
         metadata = {"FLAIR_acq": acq, "FLAIR_RepetitionTime": 5.0 if acq == "T2sel" else 9.0,
                     "T1w_acq": "iso08", "age_scan": str(int(rng.integers(1, 13))), "sex": "MF"[i % 2],
                     "group": "fcd" if label else "hc", "histopathology": "IIb" if label else "n/a"}
-        samples.append(Sample(Participant(f"{i:03d}", None, None, None, label=label, metadata=metadata), empty,
+        samples.append(Sample(Participant(f"{i:03d}", None, None, None, label=label, metadata=metadata),
+                              empty,
                               empty[0].astype(bool), None, acq))
     return samples
 

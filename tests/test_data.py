@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 
 
 def make_samples(labels: list[int], sites: list[str] | None = None, splits: list[str | None] | None = None,
-                 sessions: list[str | None] | None = None, subjects: list[str] | None = None) -> list[data.Sample]:
+                 sessions: list[str | None] | None = None,
+                 subjects: list[str] | None = None) -> list[data.Sample]:
     """Array-free samples (splits only look at labels, sites and names)."""
     n = len(labels)
     sites = sites or ["A"] * n
@@ -161,7 +162,8 @@ def test_batch_augmentation_twins_replay_identically_from_logged_params():
 
 def identity_params(n: int, channels: int) -> dict[str, torch.Tensor]:
     return {"flip": torch.zeros(n, dtype=torch.bool), "affine": torch.zeros(n, dtype=torch.bool),
-            "rotation_deg": torch.zeros(n, 3), "scale": torch.ones(n, 3), "translation_vox": torch.zeros(n, 3),
+            "rotation_deg": torch.zeros(n, 3), "scale": torch.ones(n, 3), "translation_vox": torch.zeros(n,
+                                                                                                         3),
             "bias": torch.zeros(n, channels, 3, 3, 3), "gamma": torch.ones(n, channels),
             "noise_std": torch.zeros(n), "noise_seed": torch.zeros(n, dtype=torch.int64)}
 

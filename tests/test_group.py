@@ -22,7 +22,8 @@ from tests import browser
 from tests.group_factory import TINY_CONFIG, fake_preprocess_unit, write_tiny_bids
 
 N_PARTICIPANTS = 12
-GROUP_ARGS = ["--skip_bids_validator", "--n_folds", "2", "--epochs", "2", "--batch_size", "2", "--n_cpus", "1",
+GROUP_ARGS = ["--skip_bids_validator", "--n_folds", "2", "--epochs", "2", "--batch_size", "2", "--n_cpus",
+              "1",
               "--n_passes", "1", "--embedding", "pca", "--deterministic", "--seed", "5"]
 EXPECTED = ["folds.tsv", "model.pt", "model.json", "predictions.tsv", "metrics.json", "MODEL_CARD.md",
             "report.html", "combat_estimates.json", "fold-0/log.tsv", "fold-0/checkpoint_best.pt",
@@ -83,7 +84,8 @@ def test_model_is_a_weights_only_checkpoint_with_the_chosen_thresholds(group_run
     assert config.subject_threshold == metrics["protocol"]["subject_threshold"]
     assert config.voxel_threshold == metrics["protocol"]["voxel_threshold"]
     assert "Youden" in config.training["threshold_rule"]
-    assert config.grid_shape == TINY_CONFIG.grid_shape and config.grid_spacing_mm == TINY_CONFIG.grid_spacing_mm
+    assert config.grid_shape == TINY_CONFIG.grid_shape
+    assert config.grid_spacing_mm == TINY_CONFIG.grid_spacing_mm
     assert config.training["dataset"]["n_units"] == N_PARTICIPANTS and "torch" in config.versions
     on_disk = json.loads((out / "group" / "model.json").read_text())
     assert on_disk["subject_threshold"] == config.subject_threshold

@@ -37,7 +37,8 @@ def loss_batch() -> dict[str, torch.Tensor]:
     lesion = torch.zeros(shape)
     lesion[1, 0, 2:4, 2:4, 2:4] = 1
     return {"label": torch.tensor([0.0, 1.0, 1.0]), "brain_mask": torch.ones(shape), "lesion": lesion,
-            "voxel_target": torch.tensor([True, True, False]), "has_lesion": torch.tensor([False, True, False])}
+            "voxel_target": torch.tensor([True, True, False]), "has_lesion": torch.tensor([False, True,
+                                                                                           False])}
 
 
 def test_voxel_loss_ignores_patients_without_a_mask():
@@ -124,7 +125,8 @@ def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(
     assert torch.load(tmp_path / "resumed" / "checkpoint_latest.pt", weights_only=True)["epoch"] == 2
 
     resumed_model = tiny_model(seed=99)  # initial weights do not matter: they come from the checkpoint
-    resumed = engine.fit(resumed_model, TINY_CONFIG, samples[:4], samples[4:], OPTIONS, tmp_path / "resumed", 0,
+    resumed = engine.fit(resumed_model, TINY_CONFIG, samples[:4], samples[4:], OPTIONS, tmp_path / "resumed",
+                         0,
                          engine.DistContext())
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert torch.equal(flat(resumed_model), flat(uninterrupted))
@@ -134,7 +136,8 @@ def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(
 def test_a_finished_fold_is_not_trained_again(tmp_path, monkeypatch):
     samples = tiny_samples(4)
     options = replace(OPTIONS, epochs=1, augmentation="off")
-    engine.fit(tiny_model(), TINY_CONFIG, samples[:2], samples[2:], options, tmp_path, 0, engine.DistContext())
+    engine.fit(tiny_model(), TINY_CONFIG, samples[:2], samples[2:], options, tmp_path, 0,
+               engine.DistContext())
     monkeypatch.setattr(engine.EpochRunner, "train_epoch", lambda *a: pytest.fail("trained again"))
     result = engine.fit(tiny_model(), TINY_CONFIG, samples[:2], samples[2:], options, tmp_path, 0,
                         engine.DistContext())
@@ -144,8 +147,10 @@ def test_a_finished_fold_is_not_trained_again(tmp_path, monkeypatch):
 def test_other_settings_start_over(tmp_path):
     samples = tiny_samples(4)
     options = replace(OPTIONS, epochs=1, augmentation="off")
-    engine.fit(tiny_model(), TINY_CONFIG, samples[:2], samples[2:], options, tmp_path, 0, engine.DistContext())
-    result = engine.fit(tiny_model(), TINY_CONFIG, samples[:2], samples[2:], replace(options, learning_rate=0.01),
+    engine.fit(tiny_model(), TINY_CONFIG, samples[:2], samples[2:], options, tmp_path, 0,
+               engine.DistContext())
+    result = engine.fit(tiny_model(), TINY_CONFIG, samples[:2], samples[2:], replace(options,
+                                                                                     learning_rate=0.01),
                         tmp_path, 0, engine.DistContext())
     assert len(result.history) == 1
     state = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=True)
@@ -171,7 +176,8 @@ def test_autoencoder_pretraining_changes_and_stores_the_encoder(tmp_path):
                             engine.DistContext(), 6.0, 0, path)
     assert not torch.equal(flat(model.encoder), before)
     reused = tiny_model()
-    engine.pretrain_encoder(reused, samples, replace(OPTIONS, pretrain_epochs=1), engine.DistContext(), 6.0, 0, path)
+    engine.pretrain_encoder(reused, samples, replace(OPTIONS, pretrain_epochs=1), engine.DistContext(), 6.0,
+                            0, path)
     assert torch.equal(flat(reused.encoder), flat(model.encoder))
 
 
@@ -189,7 +195,8 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         samples = tiny_samples(6)
         model = tiny_model()
         options = replace(OPTIONS, epochs=2, batch_size=1, augmentation="gpu", deterministic=False)
-        engine.fit(model, TINY_CONFIG, samples[:4], samples[4:], options, Path(out_dir) / "fold-0", 0, context)
+        engine.fit(model, TINY_CONFIG, samples[:4], samples[4:], options, Path(out_dir) / "fold-0", 0,
+                   context)
         torch.save(flat(model), Path(out_dir) / f"weights-{rank}.pt")
     finally:
         torch_dist.destroy_process_group()
@@ -198,7 +205,8 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_ddp_on_gloo_averages_gradients_and_keeps_ranks_identical(tmp_path):
     mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
-        assert torch.allclose(torch.load(tmp_path / f"grad-{rank}.pt"), torch.full((1, 4), 3.0))  # mean of 2, 4
+        assert torch.allclose(torch.load(tmp_path / f"grad-{rank}.pt"), torch.full((1, 4),
+                                                                                   3.0))  # mean of 2, 4
     assert torch.equal(torch.load(tmp_path / "weights-0.pt"), torch.load(tmp_path / "weights-1.pt"))
     assert not torch.equal(torch.load(tmp_path / "weights-0.pt"), flat(tiny_model()))
     assert (tmp_path / "fold-0" / "checkpoint_best.pt").is_file()  # written once, by rank 0
