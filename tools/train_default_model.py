@@ -1,0 +1,246 @@
+"""Train the shipped default model, `bids_fcd/weights/model.pt`, with this project's own training engine.
+
+    python tools/train_default_model.py --out bids_fcd/weights --seed 0
+
+What it trains on (all simulated lesions, never a patient):
+- volumes drawn on the model grid by `bids_fcd.synth.synth_template_sample` (nilearn's MNI152 2009 anatomy,
+  smoothly deformed, with random contrasts, noise and bias; half carry an implanted FCD-like lesion);
+- the two real glioma brains the data README allows as base anatomy (`glioma-brainlesion`, T1w + FLAIR),
+  preprocessed by the participant pipeline, with FCD-like lesions implanted away from the tumour and its
+  oedema, and as they are (a real FLAIR-bright lesion that is not FCD, labelled control);
+- non-FCD distractors: FLAIR-bright, T1-dark ovoid lesions in the deep white matter (small-vessel / MS-like),
+  labelled control, so that "bright on FLAIR" alone is not FCD.
+
+The network is the seed card's MobileNetV3-Small-3D with the lesion decoder and the lesion-evidence subject head.
+It trains on 48^3 patches (72 mm) (lesion-centred or random) for CPU speed and predicts whole volumes (it is fully
+convolutional, and the subject head pools the voxel map). Thresholds are chosen on held-out whole volumes:
+the subject threshold by Youden's J on the subject probability, the voxel threshold as the lowest that keeps
+false-positive clusters on held-out controls at or under the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.mixture import GaussianMixture
+
+from bids_fcd import __version__
+from bids_fcd.cache import load_or_preprocess
+from bids_fcd.config import ModelConfig
+from bids_fcd.data import Sample
+from bids_fcd.engine import DistContext, TrainOptions, fit
+from bids_fcd.infer import find_clusters, predict
+from bids_fcd.inputs import Participant
+from bids_fcd.lesions import implant_fcd, sample_lesion_params
+from bids_fcd.models import build_model, save_checkpoint
+from bids_fcd.synth import neocortical_territory, synth_template_sample, template_tissue_maps
+from bids_fcd.template import model_grid
+
+log = logging.getLogger("train_default_model")
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+TRAINING_BRAINS = [("glioma-brainlesion", "sub-bratsgli00001"), ("glioma-brainlesion", "sub-tcgadu7294")]
+PATCH = 48
+MAX_FP_PER_CONTROL = 0.3
+
+
+class Volume:
+    """A whole model-grid volume: image (2, X, Y, Z), brain mask, lesion mask (uint8), subject label, origin."""
+
+    def __init__(self, image: np.ndarray, brain: np.ndarray, lesion: np.ndarray, label: int, origin: str):
+        self.image, self.brain, self.lesion, self.label, self.origin = image, brain, lesion, label, origin
+
+
+def synthetic_volume(rng: np.random.Generator, grid, with_lesion: bool) -> Volume:
+    t1w, flair, brain, lesion = synth_template_sample(rng, grid, with_lesion)
+    return Volume(np.stack([t1w, flair]), brain.astype(bool), lesion, int(with_lesion), "synthetic")
+
+
+def tissue_probabilities(t1w: np.ndarray, brain: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grey and white matter probabilities of a real brain from its own T1w (3-class Gaussian mixture)."""
+    values = t1w[brain].reshape(-1, 1)
+    mixture = GaussianMixture(3, random_state=seed).fit(values[:: max(1, len(values) // 50000)])
+    order = np.argsort(mixture.means_.ravel())  # CSF < GM < WM on T1w
+    posterior = np.zeros((*t1w.shape, 3), dtype=np.float32)
+    posterior[brain] = mixture.predict_proba(values)[:, order]
+    return posterior[..., 1], posterior[..., 2]
+
+
+def flair_bright_region(flair: np.ndarray, brain: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """The tumour and its oedema: FLAIR far above the brain's median, grown by 10 mm (kept free of implants)."""
+    inside = flair[brain]
+    bright = brain & (flair > np.median(inside) + 4.0 * np.std(inside[inside < np.percentile(inside, 90)]))
+    bright = ndimage.binary_opening(bright, iterations=1)
+    return ndimage.binary_dilation(bright, iterations=max(1, round(10.0 / spacing_mm)))
+
+
+def real_volumes(grid, cache_dir: Path, rng: np.random.Generator, implants_per_brain: int) -> list[Volume]:
+    """The allowed real brains as they are (label 0) and with FCD-like implants away from the tumour (label 1)."""
+    volumes = []
+    territory = neocortical_territory(grid)
+    for folder, subject in TRAINING_BRAINS:
+        t1w_path, flair_path = REAL / folder / f"{subject}_T1w.nii.gz", REAL / folder / f"{subject}_FLAIR.nii.gz"
+        pre = load_or_preprocess(cache_dir, t1w_path, flair_path, grid, n_threads=2)
+        brain = pre.brain_mask.astype(bool)
+        gm, wm = tissue_probabilities(pre.t1w, brain, seed=0)
+        exclude = flair_bright_region(pre.flair, brain, grid.spacing_mm)
+        volumes.append(Volume(np.stack([pre.t1w, pre.flair]), brain, np.zeros(grid.shape, np.uint8), 0, subject))
+        for _ in range(implants_per_brain):
+            params = sample_lesion_params(rng, gm, wm, grid.spacing_mm, exclude_mask=exclude,
+                                          territory_mask=territory)
+            t1w, flair, lesion = implant_fcd(pre.t1w, pre.flair, gm, wm, params, grid.spacing_mm)
+            volumes.append(Volume(np.stack([t1w, flair]), brain, lesion, 1, f"{subject}+implant"))
+    return volumes
+
+
+def add_distractors(volume: Volume, rng: np.random.Generator, wm: np.ndarray, spacing_mm: float, n: int) -> None:
+    """Implant `n` non-FCD white-matter lesions: ovoid, FLAIR-bright and T1-dark, away from the cortex."""
+    deep_wm = ndimage.binary_erosion(wm > 0.9, iterations=max(1, round(4.0 / spacing_mm)))
+    candidates = np.argwhere(deep_wm & (volume.lesion == 0))
+    if len(candidates) == 0:
+        return
+    grid_index = np.indices(wm.shape, dtype=np.float32)
+    for centre in candidates[rng.choice(len(candidates), size=n)]:
+        radii_vox = rng.uniform(2.0, 6.0, size=3) / spacing_mm
+        distance = sum(((grid_index[a] - centre[a]) / radii_vox[a]) ** 2 for a in range(3))
+        blob = np.exp(-2.0 * distance) * (distance < 2.0)
+        wm_level = np.median(volume.image[:, wm > 0.9], axis=1)
+        volume.image[0] -= blob * wm_level[0] * rng.uniform(0.1, 0.35)
+        volume.image[1] += blob * wm_level[1] * rng.uniform(0.4, 1.0)
+
+
+def patch_origins(volume: Volume, rng: np.random.Generator, n_random: int) -> list[np.ndarray]:
+    """Corners of PATCH^3 patches: one around the lesion (when there is one), the rest random inside the brain."""
+    shape = np.array(volume.brain.shape)
+    corners = []
+    if volume.lesion.any():
+        lesion_voxels = np.argwhere(volume.lesion)
+        centre = lesion_voxels[rng.integers(len(lesion_voxels))]
+        corners.append(centre - rng.integers(8, PATCH - 8, size=3))
+    brain_voxels = np.argwhere(volume.brain)
+    for _ in range(n_random):
+        corners.append(brain_voxels[rng.integers(len(brain_voxels))] - PATCH // 2)
+    return [np.clip(c, 0, shape - PATCH) for c in corners]
+
+
+def to_patch_samples(volumes: list[Volume], rng: np.random.Generator, n_random: int, prefix: str,
+                     spacing_mm: float) -> list[Sample]:
+    """Training samples: patches whose label says whether they hold at least 100 mm3 of lesion."""
+    samples = []
+    for index, volume in enumerate(volumes):
+        for corner_index, corner in enumerate(patch_origins(volume, rng, n_random)):
+            box = tuple(slice(int(c), int(c) + PATCH) for c in corner)
+            lesion = volume.lesion[box].astype(np.float16)
+            label = int(float(lesion.sum()) * spacing_mm ** 3 >= 100.0)
+            unit = Participant(subject=f"{prefix}{index}x{corner_index}", session=None, t1w=None, flair=None,
+                               label=label)
+            samples.append(Sample(unit=unit, image=volume.image[(slice(None), *box)].copy(),
+                                  brain_mask=volume.brain[box].copy(), lesion=lesion, site=volume.origin))
+    return samples
+
+
+def choose_thresholds(model, config: ModelConfig, volumes: list[Volume], grid) -> dict:
+    """Subject threshold (Youden's J) and voxel threshold (lowest keeping FP clusters per control in bound)."""
+    device = torch.device("cpu")
+    results = []
+    for volume in volumes:
+        prediction = predict(model, config, volume.image, volume.brain, device, n_passes=1)
+        results.append((volume, prediction))
+    labels = np.array([v.label for v, _ in results])
+    scores = np.array([p.fcd_probability for _, p in results])
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    subject_threshold = float(np.clip(thresholds[np.argmax(tpr - fpr)], 1e-4, 1 - 1e-4))
+    voxel_threshold = 0.5
+    for candidate in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        false_positives = [len(find_clusters(p.prob_template, grid, candidate, config.min_cluster_mm3,
+                                             to_scanner_mm=lambda x: x))
+                           for v, p in results if v.label == 0]
+        if np.mean(false_positives) <= MAX_FP_PER_CONTROL:
+            voxel_threshold = candidate
+            break
+    return {"subject_threshold": subject_threshold, "voxel_threshold": voxel_threshold,
+            "validation_auroc": float(roc_auc_score(labels, scores)), "n_validation_volumes": len(results)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bids_fcd/weights"))
+    parser.add_argument("--work_dir", type=Path, default=Path("work/train_default_model"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n_synthetic", type=int, default=300, help="synthetic training volumes")
+    parser.add_argument("--n_validation", type=int, default=40, help="held-out synthetic whole volumes")
+    parser.add_argument("--implants_per_brain", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--n_threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.n_threads)
+    started = time.time()
+
+    config = ModelConfig(name="bids_fcd-default", model_version=__version__, arch_params={"dropout": 0.1})
+    grid = model_grid(config.grid_spacing_mm, config.grid_shape)
+    rng = np.random.default_rng(args.seed)
+    _, wm, _ = template_tissue_maps(grid)
+
+    train_volumes = [synthetic_volume(rng, grid, with_lesion=i % 2 == 0) for i in range(args.n_synthetic)]
+    for volume in train_volumes[1::4]:  # a quarter of the controls carry non-FCD white-matter lesions
+        add_distractors(volume, rng, wm, grid.spacing_mm, n=int(rng.integers(2, 8)))
+    real = real_volumes(grid, args.work_dir / "cache", rng, args.implants_per_brain)
+    validation_volumes = [synthetic_volume(rng, grid, with_lesion=i % 2 == 0) for i in range(args.n_validation)]
+    for volume in validation_volumes[1::4]:
+        add_distractors(volume, rng, wm, grid.spacing_mm, n=int(rng.integers(2, 8)))
+    log.info("volumes ready after %.0f s: %d synthetic, %d real-anatomy, %d validation", time.time() - started,
+             len(train_volumes), len(real), len(validation_volumes))
+
+    train_samples = to_patch_samples(train_volumes + real * 2, rng, n_random=2, prefix="train",
+                                     spacing_mm=grid.spacing_mm)
+    val_samples = to_patch_samples(validation_volumes, rng, n_random=1, prefix="val", spacing_mm=grid.spacing_mm)
+    del train_volumes
+    # Batched augmentation (flips, affine, gamma, noise, bias) also runs on the CPU and costs far less than
+    # TorchIO's per-sample transforms, which would dominate a CPU training step.
+    options = TrainOptions(epochs=args.epochs, batch_size=4, learning_rate=2e-3, warmup_epochs=1,
+                           patience=args.epochs, augmentation="gpu", seed=args.seed, voxel_loss_weight=1.0)
+    model = build_model(config)
+    torch.manual_seed(args.seed)
+    result = fit(model, config, train_samples, val_samples, options, args.work_dir / "fit", fold_id=0,
+                 dist=DistContext(device=torch.device("cpu")))
+    model.load_state_dict(torch.load(result.best_path, weights_only=True)["state_dict"])
+    model.eval()
+
+    thresholds = choose_thresholds(model, config, validation_volumes, grid)
+    training = {
+        "data": "simulated FCD-like lesions only: synthetic volumes from nilearn's MNI152 2009a template anatomy "
+                f"({args.n_synthetic}, half with a lesion, a quarter of controls with non-FCD white-matter "
+                f"distractors) and the two real glioma-brainlesion brains ({args.implants_per_brain} implants "
+                "each, plus each brain as a control); no patient data",
+        "patches": f"{PATCH}^3 voxels, {len(train_samples)} training / {len(val_samples)} validation",
+        "epochs": args.epochs, "best_epoch": result.best_epoch, "seed": args.seed,
+        "command": "python tools/train_default_model.py --out bids_fcd/weights --seed "
+                   f"{args.seed} --n_synthetic {args.n_synthetic} --epochs {args.epochs}",
+        "threshold_rule": "subject threshold: Youden's J on held-out synthetic whole volumes; voxel threshold: "
+                          f"lowest of 0.3..0.9 with <= {MAX_FP_PER_CONTROL} false-positive clusters per control",
+        **thresholds,
+        "seconds": round(time.time() - started),
+    }
+    config = config.updated(subject_threshold=thresholds["subject_threshold"],
+                            voxel_threshold=thresholds["voxel_threshold"], training=training,
+                            versions={"bids_fcd": __version__, "torch": torch.__version__,
+                                      "python": platform.python_version()})
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, config, args.out / "model.pt")
+    shutil.copy(args.work_dir / "fit" / "log.tsv", args.out / "training_log.tsv")
+    log.info("saved %s: %s", args.out / "model.pt", json.dumps(thresholds))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
