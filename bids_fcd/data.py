@@ -287,6 +287,31 @@ class VolumeDataset(Dataset):
                 "index": torch.tensor(index)}
 
 
+class ResidentSamples:
+    """Samples stacked once on a device, for the paths without CPU augmentation: a batch is an index_select,
+    with no per-volume conversion and no host-to-device copy per step (13 MB a volume at full size, ~2 GB for
+    ds004199's training folds on a GPU). Batches have `VolumeDataset`'s keys and dtypes.
+    """
+
+    def __init__(self, samples: list[Sample], device: torch.device):
+        shape = samples[0].brain_mask.shape
+        self.image = torch.from_numpy(np.stack([s.image for s in samples])).to(device)  # (N, C, X, Y, Z)
+        self.brain_mask = torch.from_numpy(np.stack([s.brain_mask for s in samples]))[:, None].to(device)
+        lesions = [np.zeros(shape, np.float16) if s.lesion is None else s.lesion for s in samples]
+        self.lesion = torch.from_numpy(np.stack(lesions).astype(np.float16))[:, None].to(device)
+        self.label = torch.tensor([float(s.label) for s in samples], device=device)
+        self.voxel_target = torch.tensor([s.voxel_target for s in samples], device=device)
+        self.has_lesion = torch.tensor([s.lesion is not None and s.label == 1 for s in samples],
+                                       device=device)
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices, device=self.image.device)
+        return {"image": self.image[index], "brain_mask": self.brain_mask[index].float(),
+                "lesion": self.lesion[index].float(), "label": self.label[index],
+                "voxel_target": self.voxel_target[index], "has_lesion": self.has_lesion[index],
+                "index": index}
+
+
 class EpochBatches(Sampler):
     """Batches of (index, seed) keys for one epoch: a permutation fixed by (seed, fold, epoch).
 

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -44,6 +45,7 @@ from bids_fcd.config import ModelConfig
 from bids_fcd.data import (
     BatchAugmentation,
     EpochBatches,
+    ResidentSamples,
     Sample,
     TorchIOAugmentation,
     VolumeDataset,
@@ -55,6 +57,7 @@ from bids_fcd.evaluate import auroc, subject_metrics
 log = logging.getLogger("bids_fcd.engine")
 
 GRAD_CLIP_NORM = 5.0
+PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each costs a device sync)
 DICE_EPS = 1.0
 LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_subject_loss", "train_voxel_loss", "val_loss",
                "val_subject_loss", "val_voxel_loss", "val_auroc", "val_balanced_accuracy", "seconds",
@@ -259,15 +262,35 @@ def augmentation_for(options: TrainOptions, device: torch.device, spacing_mm: fl
     return None, None
 
 
-def make_loader(samples: list[Sample], batches: EpochBatches, transform, options: TrainOptions,
-                device: torch.device) -> DataLoader:
-    workers = options.n_workers if transform is not None else 0
-    return DataLoader(VolumeDataset(samples, transform), batch_sampler=batches, num_workers=workers,
-                      pin_memory=device.type == "cuda")
-
-
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def iterate_batches(samples: list[Sample], batches: EpochBatches, transform, options: TrainOptions,
+                    device: torch.device,
+                    resident: ResidentSamples | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches on `device`: from `resident` samples when given, else from a DataLoader whose workers run
+    the per-volume CPU `transform` (TorchIO)."""
+    if resident is not None:
+        for keys in batches:
+            yield resident.batch([index for index, _ in keys])
+        return
+    loader = DataLoader(VolumeDataset(samples, transform), batch_sampler=batches,
+                        num_workers=options.n_workers, pin_memory=device.type == "cuda")
+    for batch in loader:
+        yield to_device(batch, device)
+
+
+def augment_batch(augmentation: BatchAugmentation | None, batch: dict[str, torch.Tensor],
+                  *seed_keys: int) -> dict[str, torch.Tensor]:
+    """The batch through the GPU-path augmentation, its parameters drawn from a generator seeded by
+    `seed_keys` (seed, fold, epoch, step, rank): replayable, and independent of any global RNG."""
+    if augmentation is None:
+        return batch
+    generator = torch.Generator().manual_seed(sample_seed(*seed_keys))
+    params = augmentation.sample(generator, batch["image"].shape[0], batch["image"].shape[1])
+    image, mask, lesion = augmentation.apply(batch["image"], batch["brain_mask"], batch["lesion"], params)
+    return {**batch, "image": image, "brain_mask": mask, "lesion": lesion}
 
 
 def autocast(options: TrainOptions, device: torch.device):
@@ -289,6 +312,8 @@ class EpochRunner:
         self.fold_id = fold_id
         self.pos_weight = positive_weight(train_samples)
         self.cpu_transform, self.gpu_augmentation = augmentation_for(options, dist.device, spacing_mm)
+        self.resident = None if self.cpu_transform else ResidentSamples(train_samples, dist.device)
+        self.val_resident: ResidentSamples | None = None
         self.optimizer = make_optimizer(unwrap(self.model), options)
         steps = self.steps_per_epoch()
         self.scheduler = cosine_with_warmup(self.optimizer, options.warmup_epochs * steps, epochs * steps)
@@ -303,29 +328,23 @@ class EpochRunner:
         return math.ceil(len(self.batches(0)) / self.options.grad_accum_steps)
 
     def augment(self, batch: dict[str, torch.Tensor], epoch: int, step: int) -> dict[str, torch.Tensor]:
-        """GPU-path batch augmentation, drawn from a generator keyed by (seed, fold, epoch, step, rank)."""
-        if self.gpu_augmentation is None:
-            return batch
-        generator = torch.Generator().manual_seed(
-            sample_seed(self.options.seed, self.fold_id, epoch, step, self.dist.rank))
-        params = self.gpu_augmentation.sample(generator, batch["image"].shape[0], batch["image"].shape[1])
-        image, mask, lesion = self.gpu_augmentation.apply(batch["image"], batch["brain_mask"],
-                                                          batch["lesion"],
-                                                          params)
-        return {**batch, "image": image, "brain_mask": mask, "lesion": lesion}
+        return augment_batch(self.gpu_augmentation, batch, self.options.seed, self.fold_id, epoch, step,
+                             self.dist.rank)
 
     def train_epoch(self, epoch: int, desc: str) -> dict[str, float]:
         """One pass over this rank's share of the training samples; mean losses and throughput."""
         model, options = self.model, self.options
         model.train()
         batches = self.batches(epoch)
-        loader = make_loader(self.train_samples, batches, self.cpu_transform, options, self.dist.device)
-        totals = np.zeros(3)
+        stream = iterate_batches(self.train_samples, batches, self.cpu_transform, options, self.dist.device,
+                                 self.resident)
+        totals = torch.zeros(3, device=self.dist.device)  # summed on the device: no sync per step
         n_volumes, started = 0, time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        progress = tqdm(loader, desc=desc, leave=False, disable=None if self.dist.is_main else True)
+        progress = tqdm(stream, total=len(batches), desc=desc, leave=False,
+                        disable=None if self.dist.is_main else True)
         for step, batch in enumerate(progress):
-            batch = self.augment(to_device(batch, self.dist.device), epoch, step)
+            batch = self.augment(batch, epoch, step)
             last_micro = (step + 1) % options.grad_accum_steps == 0 or step + 1 == len(batches)
             sync = contextlib.nullcontext() if last_micro or not self.dist.active else model.no_sync()
             with sync:
@@ -341,12 +360,13 @@ class EpochRunner:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
             size = batch["image"].shape[0]
-            totals += np.array([loss.item() for loss in losses]) * size
+            totals += torch.stack([loss.detach().float() for loss in losses]) * size
             n_volumes += size
-            progress.set_postfix(loss=f"{totals[0] / n_volumes:.4f}")
-        seconds = time.perf_counter() - started
+            if step % PROGRESS_EVERY == 0:
+                progress.set_postfix(loss=f"{float(totals[0]) / n_volumes:.4f}")
         # plain floats: the history goes into weights-only checkpoints
         mean = (totals / max(1, n_volumes)).tolist()
+        seconds = time.perf_counter() - started
         return {"train_loss": mean[0], "train_subject_loss": mean[1], "train_voxel_loss": mean[2],
                 "seconds": seconds, "volumes_per_s": n_volumes * self.dist.world / seconds}
 
@@ -358,12 +378,12 @@ class EpochRunner:
             for buffer in model.buffers():
                 torch_dist.broadcast(buffer, 0)
         model.eval()
-        loader = make_loader(samples, EpochBatches(len(samples), self.options.batch_size, 0, 0, 0,
-                                                   shuffle=False),
-                             None, self.options, self.dist.device)
+        if self.val_resident is None:
+            self.val_resident = ResidentSamples(samples, self.dist.device)
+        batches = EpochBatches(len(samples), self.options.batch_size, 0, 0, 0, shuffle=False)
         totals, probs, labels = np.zeros(3), [], []
-        for batch in loader:
-            batch = to_device(batch, self.dist.device)
+        for batch in iterate_batches(samples, batches, None, self.options, self.dist.device,
+                                     self.val_resident):
             with autocast(self.options, self.dist.device):
                 outputs = model(batch["image"], batch["brain_mask"] > 0.5)
             losses = fcd_loss(outputs, batch, self.pos_weight, self.options.voxel_loss_weight)
@@ -516,20 +536,17 @@ def pretrain_encoder(model: nn.Module, samples: list[Sample], options: TrainOpti
     wrapped = wrap_model(autoencoder, dist)
     optimizer = make_optimizer(autoencoder, options)
     transform, gpu_augmentation = augmentation_for(options, dist.device, spacing_mm)
+    resident = None if transform else ResidentSamples(samples, dist.device)
     stream = 1000 + fold_id  # seeds apart from the fold's supervised training
     for epoch in range(1, options.pretrain_epochs + 1):
         autoencoder.train()
         batches = EpochBatches(len(samples), options.batch_size, options.seed, stream, epoch,
                                rank=dist.rank, world=dist.world)
         total = 0.0
-        for step, batch in enumerate(make_loader(samples, batches, transform, options, dist.device)):
-            batch = to_device(batch, dist.device)
+        for step, batch in enumerate(iterate_batches(samples, batches, transform, options, dist.device,
+                                                     resident)):
+            batch = augment_batch(gpu_augmentation, batch, options.seed, stream, epoch, step, dist.rank)
             image, mask = batch["image"], batch["brain_mask"]
-            if gpu_augmentation is not None:
-                generator = torch.Generator().manual_seed(sample_seed(options.seed, stream, epoch, step,
-                                                                      dist.rank))
-                params = gpu_augmentation.sample(generator, image.shape[0], image.shape[1])
-                image, mask, _ = gpu_augmentation.apply(image, mask, batch["lesion"], params)
             with autocast(options, dist.device):
                 output = wrapped(image)
             loss = (((output.float() - image) ** 2) * mask).sum() / (mask.sum() * image.shape[1]).clamp(min=1)
@@ -538,7 +555,7 @@ def pretrain_encoder(model: nn.Module, samples: list[Sample], options: TrainOpti
             optimizer.step()
             total += loss.item()
         log.info("autoencoder pre-training (%s) epoch %d/%d: reconstruction MSE %.4f", out_path.parent.name,
-                 epoch,                  options.pretrain_epochs, total / max(1, len(batches)))
+                 epoch, options.pretrain_epochs, total / max(1, len(batches)))
     if dist.is_main:
         save_state(out_path, {k: v.detach().cpu() for k, v in encoder.state_dict().items()})
     dist.barrier()

@@ -214,3 +214,11 @@ def test_batch_augmentation_intensity_stays_in_the_brain_and_runs_on_the_batch_d
 def test_sample_seed_depends_on_every_key():
     assert data.sample_seed(0, 1, 2) == data.sample_seed(0, 1, 2)
     assert len({data.sample_seed(0, 1, 2), data.sample_seed(0, 2, 1), data.sample_seed(1, 1, 2)}) == 3
+
+
+def test_resident_batches_equal_the_dataset_items():
+    samples = tiny_samples(3)
+    resident = data.ResidentSamples(samples, torch.device("cpu")).batch([2, 0])
+    items = [data.VolumeDataset(samples)[(i, 0)] for i in (2, 0)]
+    for key in ("image", "brain_mask", "lesion", "label", "voxel_target", "has_lesion"):
+        assert torch.equal(resident[key], torch.stack([item[key] for item in items])), key
