@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage
+from sklearn.mixture import GaussianMixture
 
 VOLUME_RANGE_ML = (0.5, 8.0)
 # A voxel at the grey/white boundary holds both tissues: each probability inside this range.
@@ -212,6 +213,30 @@ def implant_fcd(
     flair_out[box] = flair_crop
     lesion_mask[box] = mask
     return t1w_out, flair_out, lesion_mask
+
+
+def tissue_probabilities(t1w: np.ndarray, brain: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grey and white matter probabilities of a real brain from its own T1w (3-class Gaussian mixture).
+
+    For implanting lesions into real anatomy, where template tissue maps are only roughly aligned.
+    """
+    values = t1w[brain].reshape(-1, 1)
+    mixture = GaussianMixture(3, random_state=seed).fit(values[:: max(1, len(values) // 50000)])
+    order = np.argsort(mixture.means_.ravel())  # CSF < GM < WM on T1w
+    posterior = np.zeros((*t1w.shape, 3), dtype=np.float32)
+    posterior[brain] = mixture.predict_proba(values)[:, order]
+    return posterior[..., 1], posterior[..., 2]
+
+
+def bright_lesion_region(flair: np.ndarray, brain: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """A real brain's own FLAIR-bright lesion (tumour, oedema, stroke, MS plaques), grown by 10 mm.
+
+    FLAIR more than 4 robust SDs above the brain's median; passed as `exclude_mask` so that implants stay away.
+    """
+    inside = flair[brain]
+    bright = brain & (flair > np.median(inside) + 4.0 * np.std(inside[inside < np.percentile(inside, 90)]))
+    bright = ndimage.binary_opening(bright, iterations=1)
+    return ndimage.binary_dilation(bright, iterations=max(1, round(10.0 / spacing_mm)))
 
 
 def _equivalent_radius_mm(volume_ml: float) -> float:

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score, roc_curve
-from sklearn.mixture import GaussianMixture
 
 from bids_fcd import __version__
 from bids_fcd.cache import load_or_preprocess
@@ -41,7 +40,7 @@ from bids_fcd.data import Sample
 from bids_fcd.engine import DistContext, TrainOptions, fit
 from bids_fcd.infer import find_clusters, predict
 from bids_fcd.inputs import Participant
-from bids_fcd.lesions import implant_fcd, sample_lesion_params
+from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
 from bids_fcd.models import build_model, save_checkpoint
 from bids_fcd.synth import neocortical_territory, synth_template_sample, template_tissue_maps
 from bids_fcd.template import model_grid
@@ -65,24 +64,6 @@ def synthetic_volume(rng: np.random.Generator, grid, with_lesion: bool) -> Volum
     return Volume(np.stack([t1w, flair]), brain.astype(bool), lesion, int(with_lesion), "synthetic")
 
 
-def tissue_probabilities(t1w: np.ndarray, brain: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Grey and white matter probabilities of a real brain from its own T1w (3-class Gaussian mixture)."""
-    values = t1w[brain].reshape(-1, 1)
-    mixture = GaussianMixture(3, random_state=seed).fit(values[:: max(1, len(values) // 50000)])
-    order = np.argsort(mixture.means_.ravel())  # CSF < GM < WM on T1w
-    posterior = np.zeros((*t1w.shape, 3), dtype=np.float32)
-    posterior[brain] = mixture.predict_proba(values)[:, order]
-    return posterior[..., 1], posterior[..., 2]
-
-
-def flair_bright_region(flair: np.ndarray, brain: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """The tumour and its oedema: FLAIR far above the brain's median, grown by 10 mm (kept free of implants)."""
-    inside = flair[brain]
-    bright = brain & (flair > np.median(inside) + 4.0 * np.std(inside[inside < np.percentile(inside, 90)]))
-    bright = ndimage.binary_opening(bright, iterations=1)
-    return ndimage.binary_dilation(bright, iterations=max(1, round(10.0 / spacing_mm)))
-
-
 def real_volumes(grid, cache_dir: Path, rng: np.random.Generator, implants_per_brain: int) -> list[Volume]:
     """The allowed real brains as they are (label 0) and with FCD-like implants away from the tumour (label 1)."""
     volumes = []
@@ -92,7 +73,7 @@ def real_volumes(grid, cache_dir: Path, rng: np.random.Generator, implants_per_b
         pre = load_or_preprocess(cache_dir, t1w_path, flair_path, grid, n_threads=2)
         brain = pre.brain_mask.astype(bool)
         gm, wm = tissue_probabilities(pre.t1w, brain, seed=0)
-        exclude = flair_bright_region(pre.flair, brain, grid.spacing_mm)
+        exclude = bright_lesion_region(pre.flair, brain, grid.spacing_mm)
         volumes.append(Volume(np.stack([pre.t1w, pre.flair]), brain, np.zeros(grid.shape, np.uint8), 0, subject))
         for _ in range(implants_per_brain):
             params = sample_lesion_params(rng, gm, wm, grid.spacing_mm, exclude_mask=exclude,
