@@ -173,3 +173,28 @@ def test_transmantle_tail_runs_from_the_cortex_to_the_ventricle(phantom):
     assert flair[tail_end].mean() > phantom["flair"][tail_end].mean()
     without_tail = replace(params, transmantle=False, transmantle_target_vox=None)
     assert (_implant(phantom, without_tail)[2].astype(bool) & near_ventricle).sum() < tail_end.sum()
+
+
+def test_tissue_probabilities_follow_t1w_intensity_classes():
+    from bids_fcd.lesions import tissue_probabilities
+
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, 3, size=(20, 24, 18))  # 0 CSF, 1 GM, 2 WM
+    t1w = np.choose(classes, [0.1, 0.5, 0.9]) + rng.normal(0, 0.03, classes.shape)
+    brain = np.ones(classes.shape, dtype=bool)
+    gm, wm = tissue_probabilities(t1w.astype(np.float32), brain, seed=0)
+    assert gm[classes == 1].mean() > 0.9 and wm[classes == 2].mean() > 0.9
+    assert gm[classes == 2].mean() < 0.1 and wm[classes == 0].mean() < 0.1
+
+
+def test_bright_lesion_region_covers_a_flair_bright_lesion_with_a_margin():
+    from bids_fcd.lesions import bright_lesion_region
+
+    rng = np.random.default_rng(1)
+    flair = rng.normal(1.0, 0.05, size=(40, 40, 40)).astype(np.float32)
+    flair[18:23, 18:23, 18:23] = 2.5
+    brain = np.ones(flair.shape, dtype=bool)
+    region = bright_lesion_region(flair, brain, spacing_mm=2.0)
+    assert region[18:23, 18:23, 18:23].all()
+    assert region[20, 20, 14] and not region[20, 20, 5]  # grown by about 10 mm (5 voxels), no further
+    assert region.sum() < 0.2 * region.size
