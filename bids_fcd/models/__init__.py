@@ -1,0 +1,101 @@
+"""Model registry and checkpoint I/O.
+
+`build_model(config)` turns a `ModelConfig` into an `FCDNet`: the encoder named by `config.architecture` with the
+shared decoder and lesion-evidence head. `config.arch_params` holds keyword arguments of both: the encoder's
+(`width`, `stochastic_depth`, EfficientNet's `depth`) and the head's (`dropout`, `evidence_mm3`,
+`context_logit`). Checkpoints hold only tensors and a JSON string, so `torch.load(weights_only=True)` reads them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .blocks import FCDNet
+from .efficientnet3d import EfficientNet3DB0
+from .mobilenet3d import MobileNetV3Small3D
+from .resnet3d import ResNet3D18
+
+REGISTRY: dict[str, type[nn.Module]] = {
+    "mobilenet3d_small": MobileNetV3Small3D,
+    "resnet3d_18": ResNet3D18,
+    "efficientnet3d_b0": EfficientNet3DB0,
+}
+HEAD_PARAMS = ("dropout", "evidence_mm3", "context_logit")
+
+
+def build_model(config: ModelConfig) -> FCDNet:
+    """The network `config` describes, freshly initialised. Unknown names or arch_params raise ValueError."""
+    if config.architecture not in REGISTRY:
+        raise ValueError(f"unknown architecture {config.architecture!r}; known: {', '.join(sorted(REGISTRY))}")
+    encoder_cls = REGISTRY[config.architecture]
+    params = dict(config.arch_params)
+    head = {key: params.pop(key) for key in HEAD_PARAMS if key in params}
+    accepted = set(inspect.signature(encoder_cls).parameters) - {"in_channels"}
+    if unknown := sorted(set(params) - accepted):
+        raise ValueError(f"unknown arch_params for {config.architecture}: {unknown}; "
+                         f"accepted: {sorted(accepted | set(HEAD_PARAMS))}")
+    encoder = encoder_cls(in_channels=len(config.channels), **params)
+    return FCDNet(encoder, voxel_volume_mm3=config.grid_spacing_mm ** 3, **head)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through `write(file_object)` to a temporary file beside `path`, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model: nn.Module, config: ModelConfig, path: Path) -> None:
+    """Write `path` ({"state_dict", "config_json"}, CPU tensors) and the config beside it as `path.with_suffix(".json")`."""
+    path = Path(path)
+    if config.architecture not in REGISTRY:
+        raise ValueError(f"unknown architecture {config.architecture!r}")
+    state = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+             "config_json": config.to_json()}
+    _write_atomic(path, lambda f: torch.save(state, f))
+    _write_atomic(path.with_suffix(".json"), lambda f: f.write(config.to_json().encode()))
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[FCDNet, ModelConfig]:
+    """Rebuild the model of a checkpoint written by `save_checkpoint`, on `device`, in eval mode.
+
+    Raises FileNotFoundError when `path` is missing and ValueError naming the file when it is not a readable
+    bids_fcd checkpoint (corrupt, pickled code, another program's weights, unknown architecture, wrong tensors).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable model checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or not {"state_dict", "config_json"} <= set(state):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: not a bids_fcd checkpoint (expected 'state_dict' and 'config_json', got {keys})")
+    try:
+        config = ModelConfig.from_json(state["config_json"])
+        model = build_model(config)
+    except (TypeError, ValueError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: invalid model configuration ({err})") from err
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not match architecture {config.architecture!r} ({err})") from err
+    return model.to(device).eval(), config
