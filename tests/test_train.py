@@ -210,3 +210,35 @@ def test_ddp_on_gloo_averages_gradients_and_keeps_ranks_identical(tmp_path):
     assert torch.equal(torch.load(tmp_path / "weights-0.pt"), torch.load(tmp_path / "weights-1.pt"))
     assert not torch.equal(torch.load(tmp_path / "weights-0.pt"), flat(tiny_model()))
     assert (tmp_path / "fold-0" / "checkpoint_best.pt").is_file()  # written once, by rank 0
+
+
+def group_args(tmp_path: Path, *extra: str):
+    from bids_fcd import cli
+
+    (tmp_path / "bids").mkdir(exist_ok=True)
+    return cli.build_parser().parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "group", *extra])
+
+
+def test_starting_point_takes_the_models_grid_and_weights(tmp_path):
+    from bids_fcd.models import save_checkpoint
+    from bids_fcd.train import starting_point
+
+    model = tiny_model(seed=4)
+    save_checkpoint(model, TINY_CONFIG, tmp_path / "start.pt")
+    config, state = starting_point(group_args(tmp_path, "--model", str(tmp_path / "start.pt")))
+    assert config.grid_shape == (32, 32, 32) and config.arch_params == {"width": 0.25}
+    assert torch.equal(state["voxel_head.weight"], model.state_dict()["voxel_head.weight"])
+
+
+def test_registry_architecture_and_grid_overrides_start_from_scratch(tmp_path):
+    from bids_fcd.models import save_checkpoint
+    from bids_fcd.train import starting_point
+
+    save_checkpoint(tiny_model(), TINY_CONFIG, tmp_path / "start.pt")
+    overrides = ["--architecture", "resnet3d_18", "--grid_shape", "48x48x48", "--grid_spacing_mm", "4"]
+    config, state = starting_point(group_args(tmp_path, "--model", str(tmp_path / "start.pt"), *overrides))
+    assert state is None and config.architecture == "resnet3d_18" and config.arch_params == {}
+    assert config.grid_shape == (48, 48, 48) and config.grid_spacing_mm == 4.0
+    build_model(config)  # the registry knows it
+    _, state = starting_point(group_args(tmp_path, "--model", str(tmp_path / "start.pt"), "--from_scratch"))
+    assert state is None
