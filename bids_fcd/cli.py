@@ -68,7 +68,10 @@ def build_parser() -> Parser:
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
     parser.add_argument("--n_passes", type=positive_int, default=4, metavar="N",
                         help="stochastic passes (test-time flips, MC dropout) for the uncertainty map")
-    group = parser.add_argument_group("group level (training)")
+    group = parser.add_argument_group(
+        "group level (training)",
+        "Trains on OUTPUT_DIR/cache (preprocessing what is missing) and writes OUTPUT_DIR/group/. Several GPUs "
+        "or nodes: torchrun --nproc_per_node=N run.py BIDS_DIR OUTPUT_DIR group --device cuda [options]")
     group.add_argument("--label_column", default="group",
                        help="participants.tsv column with the diagnosis (default: group)")
     group.add_argument("--positive_label", default="fcd",
