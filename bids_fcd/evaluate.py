@@ -256,9 +256,10 @@ def lesion_metrics_with_ci(cases: Sequence[dict], n_boot: int = 1000, seed: int 
 
 
 def choose_voxel_threshold(prob_maps: Sequence[np.ndarray], lesions: Sequence[np.ndarray],
-                           candidates: np.ndarray | None = None) -> float:
+                           candidates: np.ndarray | None = None) -> float | None:
     """The voxel threshold of `VOXEL_THRESHOLD_RULE`; ties go to the higher threshold (fewer false positives).
 
+    None when the mean Dice is 0 at every candidate: the maps do not find the lesions, nothing to tune on.
     Dice at every candidate threshold comes from one histogram per participant, so the cost is one pass.
     """
     if not prob_maps:
@@ -275,6 +276,8 @@ def choose_voxel_threshold(prob_maps: Sequence[np.ndarray], lesions: Sequence[np
         denominator = above_all + target.sum()
         dices.append(np.where(denominator > 0, 2 * above_lesion / np.maximum(denominator, 1), 1.0))
     mean = np.mean(dices, axis=0)
+    if mean.max() <= 0:
+        return None
     best = np.flatnonzero(np.isclose(mean, mean.max()))
     return float(candidates[best[-1]])
 

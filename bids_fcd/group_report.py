@@ -135,7 +135,7 @@ def confusion_figure(summary: GroupSummary, figures: Path) -> tuple[str, Path]:
         matrix = np.array([[np.sum((rows["label"] == t) & (rows["predicted"] == p)) for p in ("control",
                                                                                               "fcd")]
                            for t in ("control", "fcd")])
-        ax.imshow(matrix, cmap="Blues")
+        ax.imshow(matrix, cmap="Blues", vmin=0)
         for (i, j), value in np.ndenumerate(matrix):
             ax.text(j, i, str(value), ha="center", va="center", fontsize=14,
                     color="white" if value > matrix.max() / 2 else "black")

@@ -295,6 +295,9 @@ def thresholds(run: GroupRun, oof: Predicted) -> tuple[float, float, str]:
                                                      "tune on)")
     voxel = choose_voxel_threshold([oof.maps[j] for j in with_mask],
                                    [run.samples[oof.indices[j]].lesion for j in with_mask])
+    if voxel is None:
+        return subject, run.config.voxel_threshold, ("kept from the starting model: out-of-fold Dice was 0 "
+                                                     "at every candidate threshold")
     return subject, voxel, VOXEL_THRESHOLD_RULE
 
 

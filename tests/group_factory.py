@@ -41,7 +41,7 @@ def participant_row(index: int, n: int, test_fraction: float = 0.25) -> dict:
     """participants.tsv row of participant `index` of `n`: alternating labels, two sites, a test split."""
     site, _, _ = SITES[(index // 2) % len(SITES)]
     return {"participant_id": f"sub-{index + 1:02d}", "group": "fcd" if index % 2 else "hc",
-            "sex": "FM"[index % 3 == 0], "age": str(20 + (index * 7) % 40), "site": site,
+            "sex": "FM"[index % 3 == 0], "age": str(20 + (index * 37 + 11) % 43), "site": site,
             "split": "test" if index >= n * (1 - test_fraction) else "train"}
 
 

@@ -183,3 +183,11 @@ def test_by_group_skips_tiny_groups():
     groups = np.array(["a", "a", "b"])
     result = evaluate.by_group(groups, lambda mask: int(mask.sum()))
     assert result == {"a": 2}
+
+
+def test_voxel_threshold_is_none_when_no_map_finds_its_lesion():
+    lesion = np.zeros((6, 6, 6), dtype=np.float32)
+    lesion[1:3, 1:3, 1:3] = 1
+    prob = np.zeros_like(lesion)
+    prob[4:, 4:, 4:] = 0.9  # confident, and wrong
+    assert evaluate.choose_voxel_threshold([prob], [lesion]) is None
