@@ -56,7 +56,7 @@ class InvalidImageError(Exception):
         return f"invalid image {self.path}: {self.problem}"
 
 
-@dataclass
+@dataclass(eq=False)  # arrays have no single truth value; compare fields explicitly
 class Preprocessed:
     """One participant's model-ready arrays on the model grid, and how they relate to the input files.
 
@@ -68,7 +68,8 @@ class Preprocessed:
         xfm_t1w_to_template: affine mapping template LPS mm points -> T1w scanner LPS mm points.
         xfm_flair_to_t1w: rigid mapping T1w LPS mm points -> FLAIR scanner LPS mm points, or None.
         brain_extraction: "deepbet", or "template-fallback" when deepbet failed or gave an implausible mask.
-        qc: numbers for the report: registration quality and seconds per step.
+        qc: numbers for the report: the registration quality of `alignment_qc`, `brain_volume_ml` (the
+            native-space brain mask), and `seconds` / `cpu_seconds`, {step: wall / CPU seconds}.
     """
 
     t1w: np.ndarray
