@@ -346,7 +346,10 @@ def _bin_shrink(image: sitk.Image, spacing_mm: float) -> sitk.Image:
 
 
 def transform_matrix(xfm: sitk.Transform) -> np.ndarray:
-    """The 4x4 homogeneous matrix of a linear SimpleITK transform (LPS mm in -> LPS mm out)."""
+    """The 4x4 homogeneous matrix of a linear SimpleITK transform (LPS mm in -> LPS mm out).
+
+    Registration returns a CompositeTransform (of one transform here); its members multiply in order.
+    """
     xfm = xfm.Downcast()
     if isinstance(xfm, sitk.CompositeTransform):
         matrix = np.eye(4)
@@ -430,7 +433,7 @@ def mask_to_template(mask_path: Path, space: str, pre: Preprocessed, t1w_path: P
     if space not in ("T1w", "FLAIR"):
         raise ValueError(f"space must be 'T1w' or 'FLAIR', not {space!r}")
     reference_path = t1w_path if space == "T1w" else flair_path
-    if reference_path is None or (space == "FLAIR" and pre.xfm_flair_to_t1w is None):
+    if space == "FLAIR" and (flair_path is None or pre.xfm_flair_to_t1w is None):
         raise ValueError(f"{mask_path} is in FLAIR space but there is no registered FLAIR")
     try:
         mask = np.asanyarray(nib.load(mask_path).dataobj)

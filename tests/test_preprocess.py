@@ -274,6 +274,20 @@ def test_template_to_native_puts_a_blob_where_template_points_to_scanner_says(tm
     np.testing.assert_allclose(weighted_centroid_mm(native.get_fdata(), native_affine), expected, atol=1.0)
 
 
+def test_mask_in_flair_space_needs_a_registered_flair(tmp_path):
+    pre = synthetic_preprocessed(sitk.AffineTransform(3), flair=False)
+    with pytest.raises(ValueError, match="no registered FLAIR"):
+        mask_to_template(tmp_path / "roi.nii.gz", "FLAIR", pre, tmp_path / "t1w.nii.gz", None)
+
+
+def test_mask_on_another_grid_is_an_invalid_image(tmp_path):
+    pre = synthetic_preprocessed(sitk.AffineTransform(3))
+    t1w = write_nifti(tmp_path / "sub-x_T1w.nii.gz", head_like())
+    mask = write_nifti(tmp_path / "sub-x_roi.nii.gz", np.ones((10, 10, 10), np.uint8))
+    with pytest.raises(InvalidImageError, match="sub-x_roi.nii.gz.*differs"):
+        mask_to_template(mask, "T1w", pre, t1w, None)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Real volumes (each preprocessed once per session)
 # ---------------------------------------------------------------------------------------------------------
