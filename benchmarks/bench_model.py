@@ -7,7 +7,7 @@ separately (oneDNN / cuDNN set-up, paid once per process). On CUDA the forward i
 autocast, the measurement behind `infer.predict` staying in fp32. Prints a table and writes
 benchmarks/results/model.json.
 
-    python benchmarks/bench_model.py [--device cpu] [--threads 2] [--repeats 3] [--archs mobilenet3d_small ...]
+    python benchmarks/bench_model.py [--device cpu] [--threads 1 2] [--repeats 3] [--archs mobilenet3d_small ...]
 """
 
 from __future__ import annotations
@@ -35,18 +35,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> dict:
-    """Seconds of one warm-up call and of `repeats` further calls (median, min)."""
-    def once() -> float:
-        start = time.perf_counter()
+    """Wall seconds of one warm-up call and of `repeats` further calls (median, min), and this process's CPU
+    seconds per call (median): on a shared CPU, wall time also counts waiting for other processes."""
+    def once() -> tuple[float, float]:
+        cpu, start = time.process_time(), time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
-    first = once()
+    first = once()[0]
     runs = [once() for _ in range(repeats)]
-    return {"first_call_s": round(first, 3), "median_s": round(statistics.median(runs), 3),
-            "min_s": round(min(runs), 3)}
+    wall = [w for w, _ in runs]
+    return {"first_call_s": round(first, 3), "median_s": round(statistics.median(wall), 3),
+            "min_s": round(min(wall), 3), "cpu_median_s": round(statistics.median(c for _, c in runs), 3)}
 
 
 def bench(architecture: str, device: torch.device, repeats: int) -> dict:
@@ -107,36 +109,41 @@ def cpu_name() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="torch CPU threads (each is a run)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--archs", nargs="+", default=sorted(REGISTRY), choices=sorted(REGISTRY))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "model.json")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
     device = select_device(args.device)
-    results = {}
-    for architecture in args.archs:
-        results[architecture] = bench(architecture, device, args.repeats)
-        print(architecture, json.dumps(results[architecture]), flush=True)
+    load_at_start = os.getloadavg()[0]
+    runs = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        runs[f"{threads}_threads"] = results = {}
+        for architecture in args.archs:
+            results[architecture] = bench(architecture, device, args.repeats)
+            print(f"{threads} thread(s)", architecture, json.dumps(results[architecture]), flush=True)
     report = {
         "grid": [len(ModelConfig().channels), *ModelConfig().grid_shape],
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
-        "threads": args.threads,
         "repeats": args.repeats,
         "cpu_count": os.cpu_count(),
-        "load_average_1min": round(os.getloadavg()[0], 2),  # other processes sharing the CPU slow the timings
+        # Other processes on the same cores slow the wall times (and, with 2 threads, make OpenMP spin).
+        "load_average_1min_start_end": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
         "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
-        "results": results,
+        "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'architecture':<20}{'params':>12}{'fwd b1':>10}{'fwd+bwd b2':>12}{'Grad-CAM':>10}{'predict x4':>12}  (median s)")
-    for name, r in results.items():
-        print(f"{name:<20}{r['parameters']:>12,}{r['forward_b1']['median_s']:>10}"
-              f"{r['forward_backward_b2']['median_s']:>12}{r['grad_cam_b1']['median_s']:>10}"
-              f"{r['predict_4_passes']['median_s']:>12}")
+    print(f"{'threads':<8}{'architecture':<20}{'params':>12}{'fwd b1':>9}{'fwd+bwd b2':>12}{'Grad-CAM':>10}"
+          f"{'predict x4':>12}  (median wall s; CPU s in the JSON)")
+    for run, results in runs.items():
+        for name, r in results.items():
+            print(f"{run.split('_')[0]:<8}{name:<20}{r['parameters']:>12,}{r['forward_b1']['median_s']:>9}"
+                  f"{r['forward_backward_b2']['median_s']:>12}{r['grad_cam_b1']['median_s']:>10}"
+                  f"{r['predict_4_passes']['median_s']:>12}")
     print(f"written to {args.out}")
 
 

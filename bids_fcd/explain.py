@@ -57,7 +57,8 @@ def grad_cam_pass(model: nn.Module, x: torch.Tensor, brain_mask: np.ndarray | to
     handle = layer.register_forward_hook(keep)
     try:
         with torch.enable_grad():
-            outputs = model(x, mask_t)
+            # An input that requires grad keeps the graph even when the weights are frozen.
+            outputs = model(x.detach().requires_grad_(True), mask_t)
             activation = captured["activation"]  # (1, K, x, y, z)
             # Gradients for the activation only: no parameter .grad is touched or computed.
             (grad,) = torch.autograd.grad(outputs["subject_logits"][0], activation)

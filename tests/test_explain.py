@@ -43,7 +43,7 @@ def test_grad_cam_is_on_the_input_grid_in_0_1_and_zero_outside_the_brain() -> No
 @pytest.mark.parametrize("architecture", sorted(REGISTRY))
 def test_every_architecture_exposes_its_grad_cam_stages(architecture: str) -> None:
     model = build_model(ModelConfig(architecture=architecture, grid_shape=(16, 32, 16),
-                                    arch_params={"width": 0.25})).eval()
+                                    arch_params={"width": 0.25})).eval().requires_grad_(False)  # frozen weights
     x = torch.randn(1, 2, 16, 32, 16)
     brain = np.ones((16, 32, 16), dtype=bool)
     for stage in model.cam_layers:
