@@ -126,9 +126,10 @@ def run(device: torch.device, config: ModelConfig, samples: list[Sample], args: 
     result = {"device": str(device), "bare_step_volumes_per_s": bare_step(config, samples, args.batch_size,
                                                                          args.steps, device)}
     torchio_samples = samples if device.type == "cpu" else samples[: args.batch_size * 2]
-    result["pipeline_torchio_volumes_per_s"] = pipeline(config, torchio_samples, replace(options,
-                                                                                         augmentation="cpu"),
-                                                        device)
+    torch.set_num_threads(max(1, args.n_cpus - workers))  # as run_group: workers and threads share --n_cpus
+    torchio_options = replace(options, augmentation="cpu")
+    result["pipeline_torchio_volumes_per_s"] = pipeline(config, torchio_samples, torchio_options, device)
+    torch.set_num_threads(args.n_cpus)
     result["pipeline_batch_augmentation_volumes_per_s"] = pipeline(
         config, samples, replace(options, augmentation="gpu", n_workers=0), device)
     result.update(augmentation_only(config, samples, args.batch_size, device))
