@@ -91,8 +91,8 @@ def build_parser() -> Parser:
                             "112x128x112)")
     group.add_argument("--from_scratch", action="store_true",
                        help="random initialisation instead of the starting model's weights")
-    group.add_argument("--pretrain_epochs", type=int, default=0, metavar="N",
-                       help="autoencoder pre-training epochs of the encoder in each fold (default: 0, none)")
+    group.add_argument("--pretrain_epochs", type=positive_int, default=None, metavar="N",
+                       help="autoencoder pre-training epochs of the encoder in each fold (default: none)")
     group.add_argument("--grad_accum_steps", type=positive_int, default=1, metavar="N",
                        help="batches per optimizer step (gradient accumulation; default: 1)")
     group.add_argument("--patience", type=positive_int, default=10, metavar="N",

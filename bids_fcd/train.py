@@ -50,7 +50,7 @@ def training_options(args: argparse.Namespace) -> TrainOptions:
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         grad_accum_steps=args.grad_accum_steps, patience=args.patience,
         mixed_precision=args.mixed_precision, deterministic=args.deterministic,
-        augmentation=args.augmentation, pretrain_epochs=args.pretrain_epochs, seed=args.seed,
+        augmentation=args.augmentation, pretrain_epochs=args.pretrain_epochs or 0, seed=args.seed,
         n_workers=min(4, args.n_cpus // 2),
     )
 
@@ -181,9 +181,6 @@ def run_group(args: argparse.Namespace, units: list[Participant], label_spec: La
     from bids_fcd.infer import select_device
     from bids_fcd.template import model_grid
 
-    if args.pretrain_epochs < 0:
-        log.error("--pretrain_epochs must be >= 0, got %d", args.pretrain_epochs)
-        return cli.EXIT_USAGE
     dist = DistContext.from_env(select_device(args.device))
     options = training_options(args)
     set_determinism(args.seed, options.deterministic)
