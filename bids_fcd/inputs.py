@@ -122,8 +122,15 @@ def label_from_row(row: pd.Series | None, spec: LabelSpec) -> int | None:
 
 
 def voxel_volume_mm3(path: Path) -> float:
-    """Voxel volume from the header alone (no data read): the resolution used to rank candidates."""
-    zooms = nib.load(str(path)).header.get_zooms()[:3]
+    """Voxel volume from the header alone (no data read): the resolution used to rank candidates.
+
+    An unreadable header ranks last (infinite volume); the participant level reports it with exit 65.
+    """
+    try:
+        zooms = nib.load(str(path)).header.get_zooms()[:3]
+    except (OSError, nib.filebasedimages.ImageFileError, EOFError) as error:
+        log.warning("%s: header unreadable while ranking candidates (%s)", path, error)
+        return float("inf")
     return float(np.prod(zooms))
 
 
@@ -134,15 +141,16 @@ def choose_image(candidates: list, kind: str, unit: str) -> object | None:
     """
     if not candidates:
         return None
+    if len(candidates) == 1:
+        return candidates[0]
 
     def rank(bids_file) -> tuple:
         run = bids_file.entities.get("run")
         return (voxel_volume_mm3(bids_file.path), int(run) if run is not None else -1, bids_file.filename)
 
     ordered = sorted(candidates, key=rank)
-    if len(ordered) > 1:
-        log.info("%s: %d %s candidates; chose %s (highest resolution, then lowest run); others: %s",
-                 unit, len(ordered), kind, ordered[0].filename, [c.filename for c in ordered[1:]])
+    log.info("%s: %d %s candidates; chose %s (highest resolution, then lowest run); others: %s",
+             unit, len(ordered), kind, ordered[0].filename, [c.filename for c in ordered[1:]])
     return ordered[0]
 
 

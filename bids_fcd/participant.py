@@ -6,6 +6,7 @@ its log goes to OUTPUT_DIR/logs/<unit>.log and, on failure, a traceback to OUTPU
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -99,13 +100,34 @@ def process(unit: Participant, settings: ParticipantSettings) -> str:
     """The whole participant level for one unit; returns a one-line summary for the progress log."""
     import torch
 
+    from bids_fcd import infer
+
+    torch.set_num_threads(settings.n_threads)
+    with scratch_files_in(settings.work_dir):
+        return predict_and_write(unit, settings, device=infer.select_device(settings.device))
+
+
+@contextlib.contextmanager
+def scratch_files_in(folder: Path):
+    """Libraries' scratch files go to the run's work dir, and only while this unit runs.
+
+    The work dir is deleted after the run; a process-wide tempdir left pointing at it would break
+    every later temporary file in the same process (the test suite, an in-process caller).
+    """
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+
+
+def predict_and_write(unit: Participant, settings: ParticipantSettings, device) -> str:
+    """Preprocess (cached), predict, find clusters, write every derivative and the report."""
     from bids_fcd import cache, infer, models, preprocess, report
     from bids_fcd.template import model_grid
 
-    torch.set_num_threads(settings.n_threads)
-    tempfile.tempdir = str(settings.work_dir)  # libraries' scratch files go to --work_dir
     model_path = settings.model_path
-    device = infer.select_device(settings.device)
     model, config = models.load_checkpoint(model_path, device)
     require_images(unit, config.channels)
     grid = model_grid(config.grid_spacing_mm, config.grid_shape)

@@ -86,7 +86,8 @@ def write_participant_report(output_dir: Path, unit, pre, prediction, clusters, 
     predicted = outputs["predicted"]
     cluster_rows = [[c.id, f"{c.volume_mm3:.0f}", _mm(c.peak_mm), _mm(c.centroid_mm), f"{c.peak_probability:.2f}",
                      f"{c.mean_probability:.2f}", c.region] for c in clusters]
-    qc_rows = [[key, f"{value:.3f}" if isinstance(value, float) else value] for key, value in sorted(pre.qc.items())]
+    qc_rows = [[key, f"{value:.3f}" if isinstance(value, float) else value] for key, value in sorted(pre.qc.items())
+               if not isinstance(value, dict)]  # per-step timings belong to the log, not the review
     relative = [(title, path.relative_to(output_dir)) for title, path in figures]
     qc_relative = [(name, Path(path).relative_to(output_dir)) for name, path in qc_figures.items()]
     output_rows = [[name, Path(path).relative_to(output_dir)] for name, path in outputs.items()

@@ -1,0 +1,166 @@
+"""The participant level end to end: per-participant exit codes and the whole output tree."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_fcd.cli import main
+from bids_fcd.config import ModelConfig
+from bids_fcd.models import build_model, save_checkpoint
+from bids_fcd.synth import make_cohort
+from bids_fcd.validation import run_validator
+from tests.bids_factory import make_dataset
+from tests.browser import chromium, rendered_colours, screenshot
+
+TINY = ModelConfig(grid_spacing_mm=3.0, grid_shape=(64, 64, 64), arch_params={"width": 0.5},
+                   name="tiny-test-model", model_version="test")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """An untrained small-grid model: the tests check the plumbing, not the accuracy."""
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_checkpoint(build_model(TINY), TINY, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    return make_cohort(tmp_path_factory.mktemp("cohort") / "bids", n=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def finished_run(cohort, tiny_model, tmp_path_factory) -> tuple[Path, int]:
+    out = tmp_path_factory.mktemp("run") / "out"
+    code = main([str(cohort), str(out), "participant", "--model", str(tiny_model), "--n_cpus", "2",
+                 "--n_passes", "2"])
+    return out, code
+
+
+def test_all_participants_succeed(finished_run):
+    out, code = finished_run
+    assert code == 0, (out / "logs").iterdir() and [p.read_text() for p in (out / "logs").glob("crash-*")]
+
+
+def test_every_contract_output_exists_for_every_participant(finished_run, cohort):
+    out, _ = finished_run
+    for subject_dir in sorted(cohort.glob("sub-*")):
+        subject = subject_dir.name
+        t1w = next((subject_dir / "anat").glob("*_T1w.nii.gz")).name.removesuffix("_T1w.nii.gz")
+        flair = next((subject_dir / "anat").glob("*_FLAIR.nii.gz")).name.removesuffix("_FLAIR.nii.gz")
+        anat = out / subject / "anat"
+        expected = [
+            f"{t1w}_space-MNI152NLin2009aSym_desc-preproc_T1w.nii.gz",
+            f"{t1w}_space-MNI152NLin2009aSym_desc-preproc_T1w.json",
+            f"{flair}_space-MNI152NLin2009aSym_desc-preproc_FLAIR.nii.gz",
+            f"{flair}_space-MNI152NLin2009aSym_desc-preproc_FLAIR.json",
+            f"{t1w}_space-MNI152NLin2009aSym_desc-brain_mask.nii.gz",
+            f"{t1w}_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt",
+            f"{flair}_from-FLAIR_to-T1w_mode-image_xfm.txt",
+            f"{t1w}_label-FCD_probseg.nii.gz",
+            f"{t1w}_label-FCD_probseg.json",
+            f"{t1w}_space-MNI152NLin2009aSym_label-FCD_probseg.nii.gz",
+            f"{t1w}_label-FCD_desc-saliency_probseg.nii.gz",
+            f"{t1w}_space-MNI152NLin2009aSym_label-FCD_desc-saliency_probseg.nii.gz",
+            f"{t1w}_label-FCD_desc-uncertainty_probseg.nii.gz",
+            f"{t1w}_desc-fcd_prediction.json",
+        ]
+        missing = [name for name in expected if not (anat / name).is_file()]
+        assert missing == []
+        assert (out / f"{subject}.html").is_file() and (out / "logs" / f"{subject}.log").is_file()
+        assert not list(out.rglob(".tmp-*")), "a temporary file was left behind"
+
+
+def test_native_maps_are_on_the_input_t1w_grid_and_in_range(finished_run, cohort):
+    out, _ = finished_run
+    for t1w_path in sorted(cohort.glob("sub-*/anat/*_T1w.nii.gz")):
+        source = nib.load(t1w_path)
+        stem = t1w_path.name.removesuffix("_T1w.nii.gz")
+        anat = out / t1w_path.parent.relative_to(cohort)
+        for desc in ("", "_desc-saliency", "_desc-uncertainty"):
+            image = nib.load(anat / f"{stem}_label-FCD{desc}_probseg.nii.gz")
+            assert image.shape == source.shape and np.allclose(image.affine, source.affine, atol=1e-4)
+            data = image.get_fdata()
+            assert np.isfinite(data).all() and data.min() >= 0 and data.max() <= 1
+
+
+def test_prediction_json_has_the_contract_fields(finished_run):
+    out, _ = finished_run
+    for path in out.glob("sub-*/anat/*_desc-fcd_prediction.json"):
+        prediction = json.loads(path.read_text())
+        assert 0 <= prediction["fcd_probability"] <= 1
+        assert prediction["predicted"] == ("fcd" if prediction["fcd_probability"] >= prediction["threshold"]
+                                           else "control")
+        assert {"voxel_threshold", "model", "clusters"} <= set(prediction)
+        assert prediction["model"]["name"] == "tiny-test-model"
+        for cluster in prediction["clusters"]:
+            assert {"id", "volume_mm3", "peak_mm", "centroid_mm", "peak_probability", "mean_probability",
+                    "atlas", "region"} <= set(cluster)
+
+
+def test_output_dataset_passes_the_official_validator(finished_run):
+    out, _ = finished_run
+    errors = [i for i in run_validator(out) if i["severity"] == "error"]
+    assert errors == []
+
+
+def test_cache_is_reused_on_a_second_run(finished_run, cohort, tiny_model, caplog):
+    out, _ = finished_run
+    entries = sorted(p.name for p in (out / "cache").iterdir())
+    assert main([str(cohort), str(out), "participant", "--model", str(tiny_model), "--skip_bids_validator",
+                 "--participant_label", "00001", "--n_passes", "1"]) == 0
+    assert sorted(p.name for p in (out / "cache").iterdir()) == entries
+
+
+@pytest.mark.skipif(chromium() is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(finished_run, tmp_path):
+    out, _ = finished_run
+    report = min(out.glob("sub-*.html"))
+    png = screenshot(report, tmp_path / "report.png")
+    assert rendered_colours(png) > 500, "the report rendered (nearly) blank: are its figures missing?"
+    for source in __import__("re").findall(r'src="([^"]+)"', report.read_text()):
+        assert (out / source).is_file()
+
+
+def test_corrupt_t1w_alone_exits_65_with_a_crash_file(tmp_path, tiny_model):
+    bids_dir = make_dataset(tmp_path / "bids", {"sub-01": ["anat/sub-01_T1w.nii.gz", "anat/sub-01_FLAIR.nii.gz"]})
+    t1w = bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    t1w.write_bytes(gzip.compress(b"not a nifti file at all" * 20))
+    out = tmp_path / "out"
+    assert main([str(bids_dir), str(out), "participant", "--model", str(tiny_model), "--skip_bids_validator"]) == 65
+    crash = (out / "logs" / "crash-sub-01.txt").read_text()
+    assert "sub-01_T1w.nii.gz" in crash
+
+
+def test_missing_flair_alone_exits_66(tmp_path, tiny_model):
+    bids_dir = make_dataset(tmp_path / "bids", {"sub-01": ["anat/sub-01_T1w.nii.gz"]})
+    assert main([str(bids_dir), str(tmp_path / "out"), "participant", "--model", str(tiny_model)]) == 66
+
+
+def test_mixed_failures_exit_1_and_the_summary_names_each(tmp_path, tiny_model, caplog):
+    bids_dir = make_dataset(tmp_path / "bids", {"sub-01": ["anat/sub-01_T1w.nii.gz"],
+                                                "sub-02": ["anat/sub-02_T1w.nii.gz", "anat/sub-02_FLAIR.nii.gz"]})
+    (bids_dir / "sub-02" / "anat" / "sub-02_T1w.nii.gz").write_bytes(b"\x00" * 400)
+    assert main([str(bids_dir), str(tmp_path / "out"), "participant", "--model", str(tiny_model),
+                 "--skip_bids_validator"]) == 1
+    assert "sub-01 failed (exit 66)" in caplog.text and "sub-02 failed (exit 65)" in caplog.text
+
+
+def test_missing_model_file_is_66(tmp_path):
+    bids_dir = make_dataset(tmp_path / "bids", {"sub-01": ["anat/sub-01_T1w.nii.gz", "anat/sub-01_FLAIR.nii.gz"]})
+    assert main([str(bids_dir), str(tmp_path / "out"), "participant", "--model", str(tmp_path / "none.pt"),
+                 "--skip_bids_validator"]) == 66
+
+
+def test_output_folder_blocked_by_a_file_is_an_io_error_74(tmp_path, tiny_model, cohort):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub-00001").write_text("a file where the participant's folder must go")
+    assert main([str(cohort), str(out), "participant", "--model", str(tiny_model), "--skip_bids_validator",
+                 "--participant_label", "00001", "--n_passes", "1"]) == 74
