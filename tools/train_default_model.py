@@ -99,14 +99,18 @@ def add_distractors(volume: Volume, rng: np.random.Generator, wm: np.ndarray, sp
         volume.image[1] += blob * wm_level[1] * rng.uniform(0.4, 1.0)
 
 
-def patch_origins(volume: Volume, rng: np.random.Generator, n_random: int) -> list[np.ndarray]:
-    """Corners of PATCH^3 patches: one around the lesion (when there is one), the rest random inside the brain."""
+def patch_origins(volume: Volume, rng: np.random.Generator, n_random: int, n_lesion: int = 2) -> list[np.ndarray]:
+    """Corners of PATCH^3 patches: `n_lesion` around the lesion (when there is one), `n_random` anywhere in the brain.
+
+    Lesion patches put the lesion at a random offset, so the network cannot learn "the lesion is in the middle".
+    """
     shape = np.array(volume.brain.shape)
     corners = []
     if volume.lesion.any():
         lesion_voxels = np.argwhere(volume.lesion)
-        centre = lesion_voxels[rng.integers(len(lesion_voxels))]
-        corners.append(centre - rng.integers(8, PATCH - 8, size=3))
+        for _ in range(n_lesion):
+            centre = lesion_voxels[rng.integers(len(lesion_voxels))]
+            corners.append(centre - rng.integers(8, PATCH - 8, size=3))
     brain_voxels = np.argwhere(volume.brain)
     for _ in range(n_random):
         corners.append(brain_voxels[rng.integers(len(brain_voxels))] - PATCH // 2)
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     # Batched augmentation (flips, affine, gamma, noise, bias) also runs on the CPU and costs far less than
     # TorchIO's per-sample transforms, which would dominate a CPU training step.
     options = TrainOptions(epochs=args.epochs, batch_size=4, learning_rate=2e-3, warmup_epochs=1,
-                           patience=args.epochs, augmentation="gpu", seed=args.seed, voxel_loss_weight=1.0)
+                           patience=args.epochs, augmentation="gpu", seed=args.seed)
     model = build_model(config)
     torch.manual_seed(args.seed)
     result = fit(model, config, train_samples, val_samples, options, args.work_dir / "fit", fold_id=0,
@@ -206,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         "patches": f"{PATCH}^3 voxels, {len(train_samples)} training / {len(val_samples)} validation",
         "epochs": args.epochs, "best_epoch": result.best_epoch, "seed": args.seed,
         "command": "python tools/train_default_model.py --out bids_fcd/weights --seed "
-                   f"{args.seed} --n_synthetic {args.n_synthetic} --epochs {args.epochs}",
+                   f"{args.seed} --n_synthetic {args.n_synthetic} --n_validation {args.n_validation} "
+                   f"--implants_per_brain {args.implants_per_brain} --epochs {args.epochs}",
+        "voxel_loss_weight": options.voxel_loss_weight,
         "threshold_rule": "subject threshold: Youden's J on held-out synthetic whole volumes; voxel threshold: "
                           f"lowest of 0.3..0.9 with <= {MAX_FP_PER_CONTROL} false-positive clusters per control",
         **thresholds,
