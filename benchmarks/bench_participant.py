@@ -45,7 +45,7 @@ def run_once(bids_dir: Path, out: Path, n_cpus: int, device: str) -> dict:
     started = time.perf_counter()
     completed = subprocess.run([sys.executable, str(REPO / "run.py"), str(bids_dir), str(out), "participant",
                                 "--n_cpus", str(n_cpus), "--device", device, "--skip_bids_validator"],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
     if completed.returncode != 0:
         raise RuntimeError(f"run.py exited {completed.returncode}:\n{completed.stderr[-3000:]}")
