@@ -205,8 +205,9 @@ on real non-FCD brains; none on patients with FCD. Retrain or fine-tune on your 
 - Data: {training.get("data", "")}.
 - Phases: {training.get("phase_1", "")}; then {training.get("phase_2", "")}.
 - Thresholds: {training.get("threshold_rule", "")}.
-- Reproduce: `{training.get("command", "")}` ({training.get("seconds", "?")} s on the 2-core CPU machine it was
-  trained on; torch {config.versions.get("torch", "?")}).
+- Reproduce: `{training.get("command", "")}` ({training.get("epoch_seconds", "?")} s of training epochs on the
+  2-core CPU machine it was trained on, torch {config.versions.get("torch", "?")}; it resumes from its work folder
+  after an interruption).
 
 ## Measured figures
 

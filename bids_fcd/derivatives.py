@@ -60,6 +60,13 @@ def safe_join(root: Path, relative: Path) -> Path:
     return target
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it; set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(final: Path):
     """Yield a temporary path beside `final`, renamed onto it only if the block succeeds.
@@ -74,6 +81,7 @@ def atomic_path(final: Path):
     os.close(handle)
     try:
         yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes it private; outputs read like any file
         os.replace(temporary, final)
     finally:
         if os.path.exists(temporary):

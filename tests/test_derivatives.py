@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,16 @@ def test_atomic_write_leaves_nothing_under_the_final_name_on_failure(tmp_path):
     assert not final.exists() and list(final.parent.iterdir()) == []
     write_json(final, {"ok": True})
     assert json.loads(final.read_text()) == {"ok": True}
+
+
+def test_atomic_writes_are_readable_by_others_as_the_umask_allows(tmp_path):
+    """mkstemp creates private files; outputs shared with a lab (or read by a container's other user) must not be."""
+    previous = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "out.json", {"ok": True})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_written_derivatives_pass_the_official_validator(tmp_path):

@@ -36,13 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 
 from bids_fcd import __version__
 from bids_fcd.cache import load_or_preprocess
 from bids_fcd.config import ModelConfig
 from bids_fcd.data import Sample
 from bids_fcd.engine import DistContext, TrainOptions, fit
+from bids_fcd.evaluate import THRESHOLD_RULE, youden_threshold
 from bids_fcd.infer import find_clusters, predict
 from bids_fcd.inputs import Participant
 from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
@@ -156,8 +157,7 @@ def choose_thresholds(model, config: ModelConfig, volumes: list[Volume], grid) -
         results.append((volume, prediction))
     labels = np.array([v.label for v, _ in results])
     scores = np.array([p.fcd_probability for _, p in results])
-    fpr, tpr, thresholds = roc_curve(labels, scores)
-    subject_threshold = float(np.clip(thresholds[np.argmax(tpr - fpr)], 1e-4, 1 - 1e-4))
+    subject_threshold = youden_threshold(labels, scores)  # the group level's rule, evaluate.THRESHOLD_RULE
     voxel_threshold = 0.5
     for candidate in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
         false_positives = [len(find_clusters(p.prob_template, grid, candidate, config.min_cluster_mm3,
@@ -237,10 +237,12 @@ def main(argv: list[str] | None = None) -> int:
                    f"--implants_per_brain {args.implants_per_brain} --epochs {args.epochs} "
                    f"--whole_epochs {args.whole_epochs}",
         "voxel_loss_weight": options.voxel_loss_weight,
-        "threshold_rule": "subject threshold: Youden's J on held-out synthetic whole volumes; voxel threshold: "
+        "threshold_rule": f"subject threshold: {THRESHOLD_RULE}, here on held-out synthetic whole volumes; "
+                          "voxel threshold: "
                           f"lowest of 0.3..0.9 with <= {MAX_FP_PER_CONTROL} false-positive clusters per control",
         **thresholds,
-        "seconds": round(time.time() - started),
+        "epoch_seconds": round(sum(row["seconds"] for row in patches.history + whole.history)),  # both phases
+        "seconds": round(time.time() - started),  # this invocation (less when it resumed finished phases)
     }
     config = config.updated(subject_threshold=thresholds["subject_threshold"],
                             voxel_threshold=thresholds["voxel_threshold"], training=training,
