@@ -1,4 +1,4 @@
-"""Model speed on the default grid (2 x 112 x 128 x 112): forward, forward + backward, Grad-CAM, predict().
+"""Model speed on the default grid (2 x 112 x 128 x 112): forward, forward + backward, saliency (HiResCAM), predict().
 
 For each architecture in the registry: parameters; forward (batch 1, eval, no grad); forward + backward
 (batch 2, train mode, subject + voxel BCE); Grad-CAM (batch 1); `infer.predict` with 4 passes (Grad-CAM pass +

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result = {
-        "benchmark": "whole participant level (preprocessing, prediction with 4 passes, Grad-CAM, native-space "
+        "benchmark": "whole participant level (preprocessing, prediction with 4 passes, HiResCAM saliency, native-space "
                      "maps, report), empty OUTPUT_DIR, shipped model",
         "n_participants": args.n,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),

@@ -197,7 +197,7 @@ on real non-FCD brains; none on patients with FCD. Retrain or fine-tune on your 
 - Input: {" + ".join(config.channels)}, skull-stripped, affinely registered to `{config.template_space}`,
   {config.grid_spacing_mm} mm grid {list(config.grid_shape)}, normalisation `{config.normalisation}`.
 - Outputs: subject FCD probability (threshold {config.subject_threshold:.4f}), voxel-wise probability (clusters
-  cut at {config.voxel_threshold}, at least {config.min_cluster_mm3:g} mm3), Grad-CAM saliency, MC/flip
+  cut at {config.voxel_threshold}, at least {config.min_cluster_mm3:g} mm3), HiResCAM saliency (a Grad-CAM variant), MC/flip
   uncertainty.
 
 ## Training data and procedure

@@ -37,7 +37,7 @@ class Prediction:
     fcd_probability: mean over passes of sigmoid(subject logit), 0..1.
     prob_template: (X, Y, Z) float32 mean voxel-wise FCD probability, 0 outside the brain.
     uncertainty_template: (X, Y, Z) float32 standard deviation of that probability across the passes.
-    saliency_template: (X, Y, Z) float32 Grad-CAM of the un-flipped deterministic pass, 0..1.
+    saliency_template: (X, Y, Z) float32 HiResCAM of the un-flipped deterministic pass, 0..1.
     n_passes: number of passes averaged (pass 1 deterministic, the rest flipped and/or MC dropout).
     """
 
@@ -75,7 +75,7 @@ def predict(model: nn.Module, config: ModelConfig, channels: np.ndarray, brain_m
             cam_stage: str = DEFAULT_CAM_STAGE) -> Prediction:
     """Test-time-augmented prediction for one participant.
 
-    Pass 1 is the un-flipped input in eval mode and also gives the Grad-CAM saliency. Passes 2..n alternate
+    Pass 1 is the un-flipped input in eval mode and also gives the HiResCAM saliency. Passes 2..n alternate
     left-right flipped and un-flipped inputs (flipped outputs are flipped back) and, when the model has dropout
     (`arch_params["dropout"] > 0`), sample MC dropout. Mean and standard deviation are taken over all passes.
     fp32 throughout: bf16 autocast was slower for the seed's MobileNetV3-Small-3D on an H100 (ARCHITECTURE.md);
@@ -89,7 +89,7 @@ def predict(model: nn.Module, config: ModelConfig, channels: np.ndarray, brain_m
         device: from `select_device`.
         n_passes: total passes (>= 1).
         seed: seeds the dropout masks, so a run replays exactly (the global RNG is left as it was).
-        cam_stage: encoder stage for Grad-CAM (see `bids_fcd.explain`).
+        cam_stage: encoder stage for the saliency map (see `bids_fcd.explain`).
     """
     expected = (len(config.channels), *config.grid_shape)
     if channels.shape != expected or brain_mask.shape != expected[1:]:

@@ -44,12 +44,12 @@ def test_shipped_model_card_and_config_say_what_it_is(shipped):
 
 
 def test_shipped_model_ranks_unseen_lesions_above_controls_and_points_at_them(shipped):
-    """Fresh synthetic volumes (a seed training never used): patients score above controls, and the top
-    candidate of each patient overlaps its lesion."""
+    """Fresh synthetic volumes (a seed training never used): patients score above controls, the top candidate
+    of each patient overlaps its lesion, and the saliency map peaks in a lesion (Grad-CAM's pooled map did not)."""
     model, config = shipped
     grid = model_grid(config.grid_spacing_mm, config.grid_shape)
     rng = np.random.default_rng(987654)
-    scores, hits = {0: [], 1: []}, []
+    scores, hits, saliency_hits = {0: [], 1: []}, [], []
     for label in (1, 0, 1, 0):
         t1w, flair, brain, lesion = synth_template_sample(rng, grid, with_lesion=bool(label))
         prediction = predict(model, config, np.stack([t1w, flair]), brain.astype(bool), torch.device("cpu"),
@@ -59,5 +59,8 @@ def test_shipped_model_ranks_unseen_lesions_above_controls_and_points_at_them(sh
             clusters = find_clusters(prediction.prob_template, grid, config.voxel_threshold, config.min_cluster_mm3,
                                      to_scanner_mm=lambda points: points)
             hits.append(bool(clusters) and peak_in_lesion(clusters[0].peak_template_mm, lesion, grid))
+            saliency_peak = np.unravel_index(np.argmax(prediction.saliency_template), grid.shape)
+            saliency_hits.append(peak_in_lesion(nib.affines.apply_affine(grid.affine, saliency_peak), lesion, grid))
     assert min(scores[1]) > max(scores[0]), scores
     assert all(hits), hits
+    assert any(saliency_hits), "the saliency map points at neither lesion"

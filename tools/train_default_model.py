@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_synthetic", type=int, default=300, help="synthetic training volumes")
     parser.add_argument("--n_validation", type=int, default=40, help="held-out synthetic whole volumes")
     parser.add_argument("--implants_per_brain", type=int, default=12)
+    parser.add_argument("--whole_real_rounds", type=int, default=3,
+                        help="phase 2: draws of the real brains (each: both as they are + fresh implants)")
     parser.add_argument("--epochs", type=int, default=14, help="phase 1: epochs on patches")
     parser.add_argument("--whole_epochs", type=int, default=8, help="phase 2: epochs on whole volumes")
     parser.add_argument("--n_threads", type=int, default=2)
@@ -217,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
 
     whole_options = TrainOptions(epochs=args.whole_epochs, batch_size=2, learning_rate=5e-4, warmup_epochs=1,
                                  patience=args.whole_epochs, augmentation="gpu", seed=args.seed)
+    # Phase 2 sees the real anatomy more (more scanners' backgrounds than synthetic contrasts can give); its
+    # extra draws use their own generators, so phase 1 is the same with or without them.
+    for round_index in range(1, args.whole_real_rounds):
+        real += real_volumes(grid, args.work_dir / "cache", np.random.default_rng([args.seed, round_index]),
+                             args.implants_per_brain)
     whole = fit(model, config, whole_volume_samples(train_volumes + real, "train"),
                 whole_volume_samples(validation_volumes, "val"), whole_options, args.work_dir / "fit_whole",
                 fold_id=0, dist=cpu)
@@ -227,14 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     training = {
         "data": "simulated FCD-like lesions only: synthetic volumes from nilearn's MNI152 2009a template anatomy "
                 f"({args.n_synthetic}, half with a lesion, a quarter of controls with non-FCD white-matter "
-                f"distractors) and the two real glioma-brainlesion brains ({args.implants_per_brain} implants "
-                "each, plus each brain as a control); no patient data",
+                f"distractors) and the two real glioma-brainlesion brains, each as it is (control) and with "
+                f"{args.implants_per_brain} FCD-like implants away from the tumour (one draw in phase 1, "
+                f"{args.whole_real_rounds} in phase 2); no patient data",
         "phase_1": f"{PATCH}^3 patches, {args.epochs} epochs (best {patches.best_epoch})",
         "phase_2": f"whole volumes, {args.whole_epochs} epochs (best {whole.best_epoch})",
         "seed": args.seed,
         "command": "python tools/train_default_model.py --out bids_fcd/weights --seed "
                    f"{args.seed} --n_synthetic {args.n_synthetic} --n_validation {args.n_validation} "
-                   f"--implants_per_brain {args.implants_per_brain} --epochs {args.epochs} "
+                   f"--implants_per_brain {args.implants_per_brain} --whole_real_rounds {args.whole_real_rounds} "
+                   f"--epochs {args.epochs} "
                    f"--whole_epochs {args.whole_epochs}",
         "voxel_loss_weight": options.voxel_loss_weight,
         "threshold_rule": f"subject threshold: {THRESHOLD_RULE}, here on held-out synthetic whole volumes; "

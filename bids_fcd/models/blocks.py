@@ -150,7 +150,7 @@ class FCDNet(nn.Module):
     forward(x (N, C, X, Y, Z), brain_mask (N, 1, X, Y, Z) bool or None) returns
     {"voxel_logits": (N, 1, X, Y, Z), "subject_logits": (N,)}. Voxel logits are predicted at stride 2 and
     upsampled trilinearly. Dropout (channel-wise, usable for MC dropout) sits on the deepest features and before
-    the voxel head. `cam_layers` names the encoder stages Grad-CAM can target.
+    the voxel head. `cam_layers` names the encoder stages the saliency map (HiResCAM) can target.
     """
 
     def __init__(self, encoder: nn.Module, voxel_volume_mm3: float, dropout: float = 0.1,
@@ -173,7 +173,7 @@ class FCDNet(nn.Module):
 
     @property
     def cam_layers(self) -> dict[str, nn.Module]:
-        """Encoder stages Grad-CAM can target, by output stride: "stride2", "stride4", "stride8", "stride16"."""
+        """Encoder stages the saliency map can target, by output stride: "stride2", "stride4", "stride8", "stride16"."""
         return {f"stride{2 ** (i + 1)}": stage for i, stage in enumerate(self.encoder.stages)}
 
     def forward(self, x: torch.Tensor, brain_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
