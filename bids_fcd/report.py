@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import logging
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -31,10 +32,13 @@ def _image(volume: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
 def overlay_figure(background: np.ndarray, overlay: np.ndarray, affine: np.ndarray, cut_mm, title: str,
                    path: Path, cmap: str = "hot") -> Path:
     """An orthogonal view of `overlay` (0..1) over `background`, both on the template grid, cut at `cut_mm`."""
-    display = plotting.plot_stat_map(_image(overlay, affine), bg_img=_image(background, affine),
-                                     cut_coords=[float(c) for c in cut_mm], display_mode="ortho", threshold=0.05,
-                                     vmax=1.0, cmap=cmap, title=title, annotate=True, black_bg=True,
-                                     draw_cross=True, colorbar=True)
+    with warnings.catch_warnings():
+        # A control's map can be below the display threshold everywhere: the figure then rightly shows no overlay.
+        warnings.filterwarnings("ignore", message="empty mask")
+        display = plotting.plot_stat_map(_image(overlay, affine), bg_img=_image(background, affine),
+                                         cut_coords=[float(c) for c in cut_mm], display_mode="ortho",
+                                         threshold=0.05, vmax=1.0, cmap=cmap, title=title, annotate=True,
+                                         black_bg=True, draw_cross=True, colorbar=True)
     with atomic_path(path) as temporary:
         display.savefig(str(temporary), dpi=80)
     display.close()
