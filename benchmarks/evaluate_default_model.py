@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=REPO / "bids_fcd" / "weights" / "model.pt")
     parser.add_argument("--work_dir", type=Path, default=REPO / "work" / "evaluate_default_model")
-    parser.add_argument("--n_synthetic", type=int, default=10)
+    parser.add_argument("--n_synthetic", type=int, default=20)
     parser.add_argument("--implants", type=int, default=3, help="implanted lesions per unseen real brain")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--n_cpus", type=int, default=2)
