@@ -231,6 +231,11 @@ Real brains with non-FCD lesions, as they are (each should be called control):
 
 ## Limits
 
+- The thresholds and the training-time validation (subject AUROC {training.get("validation_auroc", float("nan")):.2f})
+  used volumes drawn directly on the template grid. Through the real preprocessing (native-space images, N4,
+  brain extraction, registration, resampling) the same kind of lesion is found less often, as the synthetic row
+  above shows: training on pipeline-preprocessed volumes is the next step for this model.
+- Real anatomy from scanners it never saw is where it fails most: see the real-brain row and table above.
 - Simulated lesions are an idealisation of FCD type II (blurred grey-white junction, cortical thickening,
   FLAIR-bright cortex and subcortical white matter, sometimes a transmantle sign). Real FCD is often subtler, and
   type I is not modelled at all.
