@@ -90,7 +90,7 @@ def bench(architecture: str, device: torch.device, repeats: int) -> dict:
     result["forward_backward_b2"] = timed(forward_backward, repeats, device)
     model.zero_grad(set_to_none=True)
     model.eval()
-    result["grad_cam_b1"] = timed(lambda: grad_cam(model, x1, brain), repeats, device)
+    result["saliency_b1"] = timed(lambda: grad_cam(model, x1, brain), repeats, device)
     result["predict_4_passes"] = timed(lambda: predict(model, config, image, brain, device, n_passes=4),
                                        repeats, device)
     if device.type == "cuda":
@@ -137,12 +137,12 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'threads':<8}{'architecture':<20}{'params':>12}{'fwd b1':>9}{'fwd+bwd b2':>12}{'Grad-CAM':>10}"
+    print(f"{'threads':<8}{'architecture':<20}{'params':>12}{'fwd b1':>9}{'fwd+bwd b2':>12}{'saliency':>10}"
           f"{'predict x4':>12}  (median wall s; CPU s in the JSON)")
     for run, results in runs.items():
         for name, r in results.items():
             print(f"{run.split('_')[0]:<8}{name:<20}{r['parameters']:>12,}{r['forward_b1']['median_s']:>9}"
-                  f"{r['forward_backward_b2']['median_s']:>12}{r['grad_cam_b1']['median_s']:>10}"
+                  f"{r['forward_backward_b2']['median_s']:>12}{r['saliency_b1']['median_s']:>10}"
                   f"{r['predict_4_passes']['median_s']:>12}")
     print(f"written to {args.out}")
 
