@@ -34,6 +34,10 @@ from bids_fcd.template import BRAIN_CENTRE_MM, Grid, load_template
 HEAD_BOX_MM = ((-91.0, 91.0), (-126.0, 92.0), (-92.0, 101.0))
 NECK_PADDING_MM = 20
 HEAD_CENTRE_MM = np.array([0.0, -17.0, 12.0])
+# The MNI152 2009 brain (1.9 L inside its mask) is larger than a person's: averaging and registration enlarge it.
+# Participants' heads are drawn at this linear scale of it (brains of ~1.4 L, +-25 %), the size of real scans,
+# so that brain extraction's volume check sees what it would see on real data.
+HEAD_SCALE = 0.9
 # Thickest shell (CSF 3 + bone 6.5 + scalp 6.5 mm, and a little wobble) that `_head_tissues` draws, and the MNI
 # height below which a scan's field of view may cut the neck.
 MAX_SHELL_MM = 17.0
@@ -402,7 +406,8 @@ def _write_participant(out_dir: Path, subject: str, site: Site, patient: bool, r
     # The head in scanner (world) mm: an MNI -> world affine, and a smooth warp pulled back in MNI space. Between
     # the two scans the head moves a little, so the app has a real FLAIR -> T1w registration to do.
     head_to_world = np.linalg.inv(
-        _random_affine(rng, scale=0.08, rotation_deg=(12.0, 5.0, 5.0), shift_mm=20.0, centre_mm=HEAD_CENTRE_MM)
+        _random_affine(rng, scale=0.08, rotation_deg=(12.0, 5.0, 5.0), shift_mm=20.0, centre_mm=HEAD_CENTRE_MM,
+                       mean_scale=1.0 / HEAD_SCALE)
     )
     head_to_world[:3, 3] += rng.uniform(-10.0, 10.0, size=3)
     warp = _random_warp(rng, sd_mm=2.5)
@@ -544,11 +549,11 @@ def _random_warp(rng: np.random.Generator, sd_mm: float) -> Warp:
 
 def _random_affine(
     rng: np.random.Generator, scale: float, rotation_deg: tuple[float, float, float], shift_mm: float,
-    centre_mm: np.ndarray,
+    centre_mm: np.ndarray, mean_scale: float = 1.0,
 ) -> np.ndarray:
-    """A random 4x4 mm -> mm affine about `centre_mm`: isotropic and per-axis scale within +-scale, rotation
-    within +-rotation_deg about x (pitch), y (roll), z (yaw), shift within +-shift_mm."""
-    scales = rng.uniform(1.0 - scale, 1.0 + scale) * rng.uniform(1.0 - scale / 3, 1.0 + scale / 3, size=3)
+    """A random 4x4 mm -> mm affine about `centre_mm`: isotropic and per-axis scale within +-scale of
+    `mean_scale`, rotation within +-rotation_deg about x (pitch), y (roll), z (yaw), shift within +-shift_mm."""
+    scales = mean_scale * rng.uniform(1.0 - scale, 1.0 + scale) * rng.uniform(1.0 - scale / 3, 1.0 + scale / 3, size=3)
     rotation = Rotation.from_euler("xyz", [rng.uniform(-a, a) for a in rotation_deg], degrees=True).as_matrix()
     linear = rotation @ np.diag(scales)
     affine = np.eye(4)

@@ -122,6 +122,21 @@ def test_t1w_and_flair_are_on_different_oblique_grids_with_plausible_sidecars(co
             assert 0 < sidecar["EchoTime"] < sidecar["RepetitionTime"] < 20
 
 
+@pytest.mark.slow
+def test_brains_are_person_sized_so_brain_extraction_accepts_them(cohort):
+    """The template brain is ~1.9 L; drawn at its own size, a quarter of the heads failed deepbet's volume check."""
+    import SimpleITK as sitk
+
+    from bids_fcd.preprocess import BRAIN_VOLUME_LIMITS_ML, extract_brain
+
+    for t1w_path in sorted(cohort.glob("sub-*/anat/*_T1w.nii.gz")):
+        image = sitk.ReadImage(str(t1w_path))
+        mask, problem = extract_brain(image)
+        volume_ml = sitk.GetArrayViewFromImage(mask).sum() * np.prod(image.GetSpacing()) / 1000.0
+        assert problem is None, f"{t1w_path.name}: {problem}"
+        assert BRAIN_VOLUME_LIMITS_ML[0] + 200 <= volume_ml <= BRAIN_VOLUME_LIMITS_ML[1] - 300, t1w_path.name
+
+
 def test_sites_differ_in_scanner_and_protocol():
     assert len({(s.t1w.acq, s.flair.acq) for s in synth.SITES}) == len(synth.SITES) >= 2
     assert len({s.scanner["MagneticFieldStrength"] for s in synth.SITES}) >= 2
