@@ -1,6 +1,6 @@
 """Recompute the shipped model's figures for bids_fcd/weights/MODEL_CARD.md.
 
-    python benchmarks/evaluate_default_model.py [--model bids_fcd/weights/model.pt] [--n_synthetic 10]
+    python benchmarks/evaluate_default_model.py [--model bids_fcd/weights/model.pt] [--n_synthetic 40]
 
 Two test sets, neither seen in training:
 1. A held-out synthetic cohort (`bids_fcd synth`, another seed) run through the whole participant level
@@ -236,6 +236,9 @@ Real brains with non-FCD lesions, as they are (each should be called control):
   brain extraction, registration, resampling) the same kind of lesion is found less often, as the synthetic row
   above shows: training on pipeline-preprocessed volumes is the next step for this model.
 - Real anatomy from scanners it never saw is where it fails most: see the real-brain row and table above.
+- The non-FCD lesions it was taught to reject are simulated (MS-like plaques, chronic infarcts, gliomas with
+  oedema; `bids_fcd.mimics`). Other FLAIR-bright conditions (post-surgical gliosis, encephalitis, tubers,
+  small-vessel disease of the elderly) were never shown to it and may be called FCD.
 - Simulated lesions are an idealisation of FCD type II (blurred grey-white junction, cortical thickening,
   FLAIR-bright cortex and subcortical white matter, sometimes a transmantle sign). Real FCD is often subtler, and
   type I is not modelled at all.
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=REPO / "bids_fcd" / "weights" / "model.pt")
     parser.add_argument("--work_dir", type=Path, default=REPO / "work" / "evaluate_default_model")
-    parser.add_argument("--n_synthetic", type=int, default=20)
+    parser.add_argument("--n_synthetic", type=int, default=40)
     parser.add_argument("--implants", type=int, default=3, help="implanted lesions per unseen real brain")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--n_cpus", type=int, default=2)

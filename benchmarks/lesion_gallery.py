@@ -1,11 +1,13 @@
-"""Gallery of simulated FCD type II, subtle to obvious, and the cost of implanting one.
+"""Gallery of simulated FCD type II, subtle to obvious, of the non-FCD mimics, and the cost of implanting one.
 
 Implants lesions of increasing severity into one lesion-free synthetic brain on the default model grid (already
 normalised, as the training code will do with real brains), and draws T1w and FLAIR crops through each lesion,
-with and without the mask's outline. Also times `implant_fcd` (8 mL lesions, the largest) and the generation of a
+with and without the mask's outline. A second figure shows one of each non-FCD mimic (`bids_fcd.mimics`) that
+the shipped model is taught not to call FCD. Also times `implant_fcd` (8 mL lesions, the largest) and the generation of a
 4-participant cohort.
 
     PYTHONPATH=. python benchmarks/lesion_gallery.py [--figure docs/figures/synthetic_lesions.png]
+        [--mimic_figure docs/figures/lesion_mimics.png]
 
 Prints and saves timings as JSON (benchmarks/results/lesion_gallery.json).
 """
@@ -28,6 +30,8 @@ from matplotlib import pyplot as plt
 
 from bids_fcd.config import ModelConfig
 from bids_fcd.lesions import LesionParams, implant_fcd, sample_lesion_params
+from bids_fcd.mimics import MIMIC_KINDS, implant_mimic
+from bids_fcd.preprocess import normalise_intensity
 from bids_fcd.synth import make_cohort, neocortical_territory, synth_template_sample, template_tissue_maps
 from bids_fcd.template import model_grid
 
@@ -65,16 +69,43 @@ def _crop(volume: np.ndarray, centre: tuple[int, int, int], axis: int, half_vox:
     return padded[in_plane[0] : in_plane[0] + 2 * half_vox, in_plane[1] : in_plane[1] + 2 * half_vox]
 
 
+def draw_mimics(rng: np.random.Generator, grid, tissue: tuple[np.ndarray, ...], brain: np.ndarray,
+                gm: np.ndarray, wm: np.ndarray, path: Path) -> None:
+    """One of each mimic kind, renormalised as the pipeline would, cut where its mask is largest."""
+    half = round(CROP_MM / grid.spacing_mm)  # mimics are larger: twice the FCD crop
+    figure, axes = plt.subplots(len(MIMIC_KINDS), 4, figsize=(11, 2.9 * len(MIMIC_KINDS)))
+    for row, kind in zip(axes, MIMIC_KINDS):
+        t1w, flair, mask = implant_mimic(rng, *tissue, gm, wm, grid.spacing_mm, kind, avoid=~brain)
+        t1w, flair = normalise_intensity(t1w, brain), normalise_intensity(flair, brain)
+        axis = 2
+        centre = (*np.argwhere(mask).mean(axis=0).round().astype(int)[:2], int(np.argmax(mask.sum(axis=(0, 1)))))
+        views = [_crop(v, centre, axis, half) for v in (t1w, flair, mask)]
+        for column, (image, outlined) in enumerate(((0, False), (0, True), (1, False), (1, True))):
+            ax = row[column]
+            ax.imshow(views[image].T, origin="lower", cmap="gray", vmin=WINDOWS[image][0], vmax=WINDOWS[image][1])
+            if outlined:
+                ax.contour(views[2].T, [0.5], colors="cyan", linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(f"{kind}\n{mask.sum() * grid.spacing_mm ** 3 / 1000:.1f} mL", fontsize=9)
+    for ax, title in zip(axes[0], ("T1w", "T1w + mask", "FLAIR", "FLAIR + mask")):
+        ax.set_title(title, fontsize=10)
+    figure.suptitle(f"Non-FCD mimics, labelled control in training ({2 * CROP_MM:.0f} mm crops)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "synthetic_lesions.png")
+    parser.add_argument("--mimic_figure", type=Path, default=ROOT / "docs" / "figures" / "lesion_mimics.png")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "lesion_gallery.json")
     args = parser.parse_args()
 
     config = ModelConfig()
     grid = model_grid(config.grid_spacing_mm, config.grid_shape)
     rng = np.random.default_rng(4)
-    t1w, flair, _, _ = synth_template_sample(rng, grid, with_lesion=False)
+    t1w, flair, brain, _ = synth_template_sample(rng, grid, with_lesion=False)
     gm, wm, _ = template_tissue_maps(grid)
     territory = neocortical_territory(grid)
 
@@ -117,6 +148,7 @@ def main() -> None:
     figure.tight_layout()
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.figure, dpi=80)
+    draw_mimics(rng, grid, (t1w, flair), brain.astype(bool), gm, wm, args.mimic_figure)
 
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()

@@ -9,7 +9,10 @@ What it trains on (all simulated lesions, never a patient):
   preprocessed by the participant pipeline, with FCD-like lesions implanted away from the tumour and its
   oedema, and as they are (a real FLAIR-bright lesion that is not FCD, labelled control);
 - non-FCD distractors: FLAIR-bright, T1-dark ovoid lesions in the deep white matter (small-vessel / MS-like),
-  labelled control, so that "bright on FLAIR" alone is not FCD.
+  labelled control, so that "bright on FLAIR" alone is not FCD;
+- in phase 2, non-FCD lesion mimics (`bids_fcd.mimics`: MS-like plaques, chronic infarcts, gliomas with oedema)
+  in synthetic and real anatomy, in controls and beside FCD implants, their voxels labelled not-lesion: the
+  unseen real stroke, MS and glioma brains were the first model's worst false positives.
 
 The network is the seed card's MobileNetV3-Small-3D with the lesion decoder and the lesion-evidence subject head.
 Two phases. (1) 48^3 patches (72 mm), lesion-centred or random, teach the lesion features fast on a CPU.
@@ -47,7 +50,9 @@ from bids_fcd.evaluate import THRESHOLD_RULE, youden_threshold
 from bids_fcd.infer import find_clusters, predict
 from bids_fcd.inputs import Participant
 from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
+from bids_fcd.mimics import MIMIC_KINDS, implant_mimic
 from bids_fcd.models import build_model, save_checkpoint
+from bids_fcd.preprocess import normalise_intensity
 from bids_fcd.synth import neocortical_territory, synth_template_sample, template_tissue_maps
 from bids_fcd.template import model_grid
 
@@ -56,6 +61,7 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 TRAINING_BRAINS = [("glioma-brainlesion", "sub-bratsgli00001"), ("glioma-brainlesion", "sub-tcgadu7294")]
 PATCH = 48
 MAX_FP_PER_CONTROL = 0.3
+MIMIC_CLEARANCE_MM = 10.0  # a mimic stays this far from an FCD lesion, so no voxel is both
 
 
 class Volume:
@@ -70,8 +76,13 @@ def synthetic_volume(rng: np.random.Generator, grid, with_lesion: bool) -> Volum
     return Volume(np.stack([t1w, flair]), brain.astype(bool), lesion, int(with_lesion), "synthetic")
 
 
-def real_volumes(grid, cache_dir: Path, rng: np.random.Generator, implants_per_brain: int) -> list[Volume]:
-    """The allowed real brains as they are (label 0) and with FCD-like implants away from the tumour (label 1)."""
+def real_volumes(grid, cache_dir: Path, rng: np.random.Generator, implants_per_brain: int,
+                 mimic_rng: np.random.Generator | None = None) -> list[Volume]:
+    """The allowed real brains as they are (label 0) and with FCD-like implants away from the tumour (label 1).
+
+    With `mimic_rng`: also each brain with one mimic of every kind (label 0), and every other implanted copy
+    with a mimic beside its FCD lesion.
+    """
     volumes = []
     territory = neocortical_territory(grid)
     for folder, subject in TRAINING_BRAINS:
@@ -80,13 +91,38 @@ def real_volumes(grid, cache_dir: Path, rng: np.random.Generator, implants_per_b
         brain = pre.brain_mask.astype(bool)
         gm, wm = tissue_probabilities(pre.t1w, brain, seed=0)
         exclude = bright_lesion_region(pre.flair, brain, grid.spacing_mm)
-        volumes.append(Volume(np.stack([pre.t1w, pre.flair]), brain, np.zeros(grid.shape, np.uint8), 0, subject))
-        for _ in range(implants_per_brain):
+        as_is = Volume(np.stack([pre.t1w, pre.flair]), brain, np.zeros(grid.shape, np.uint8), 0, subject)
+        volumes.append(as_is)
+        if mimic_rng is not None:
+            volumes += [with_mimic(as_is, mimic_rng, gm, wm, grid.spacing_mm, kind) for kind in MIMIC_KINDS]
+        for implant_index in range(implants_per_brain):
             params = sample_lesion_params(rng, gm, wm, grid.spacing_mm, exclude_mask=exclude,
                                           territory_mask=territory)
             t1w, flair, lesion = implant_fcd(pre.t1w, pre.flair, gm, wm, params, grid.spacing_mm)
-            volumes.append(Volume(np.stack([t1w, flair]), brain, lesion, 1, f"{subject}+implant"))
+            implanted = Volume(np.stack([t1w, flair]), brain, lesion, 1, f"{subject}+implant")
+            if mimic_rng is not None and implant_index % 2 == 1:
+                implanted = with_mimic(implanted, mimic_rng, gm, wm, grid.spacing_mm,
+                                       MIMIC_KINDS[implant_index // 2 % len(MIMIC_KINDS)])
+            volumes.append(implanted)
     return volumes
+
+
+def with_mimic(volume: Volume, rng: np.random.Generator, gm: np.ndarray, wm: np.ndarray, spacing_mm: float,
+               kind: str) -> Volume:
+    """A copy of `volume` with one non-FCD lesion of `kind` clear of its FCD lesion, renormalised as the
+    pipeline would (a large FLAIR-bright mimic moves the brain's intensity percentiles); same labels."""
+    clearance = ndimage.binary_dilation(volume.lesion > 0, iterations=round(MIMIC_CLEARANCE_MM / spacing_mm))
+    t1w, flair, _ = implant_mimic(rng, volume.image[0], volume.image[1], gm, wm, spacing_mm, kind,
+                                  avoid=clearance | ~volume.brain)
+    image = np.stack([normalise_intensity(t1w, volume.brain), normalise_intensity(flair, volume.brain)])
+    return Volume(image, volume.brain, volume.lesion, volume.label, f"{volume.origin}+{kind}")
+
+
+def mimic_volumes(rng: np.random.Generator, grid, n: int) -> list[Volume]:
+    """`n` synthetic volumes each with one mimic (kinds in turn); every other one also has an FCD lesion."""
+    gm, wm, _ = template_tissue_maps(grid)
+    return [with_mimic(synthetic_volume(rng, grid, with_lesion=i % 2 == 0), rng, gm, wm, grid.spacing_mm,
+                       MIMIC_KINDS[i // 2 % len(MIMIC_KINDS)]) for i in range(n)]
 
 
 def add_distractors(volume: Volume, rng: np.random.Generator, wm: np.ndarray, spacing_mm: float, n: int) -> None:
@@ -180,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--implants_per_brain", type=int, default=12)
     parser.add_argument("--whole_real_rounds", type=int, default=3,
                         help="phase 2: draws of the real brains (each: both as they are + fresh implants)")
+    parser.add_argument("--n_mimic", type=int, default=120,
+                        help="phase 2: synthetic volumes with a non-FCD mimic (half also with an FCD lesion)")
     parser.add_argument("--epochs", type=int, default=14, help="phase 1: epochs on patches")
     parser.add_argument("--whole_epochs", type=int, default=8, help="phase 2: epochs on whole volumes")
     parser.add_argument("--n_threads", type=int, default=2)
@@ -223,8 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     # extra draws use their own generators, so phase 1 is the same with or without them.
     for round_index in range(1, args.whole_real_rounds):
         real += real_volumes(grid, args.work_dir / "cache", np.random.default_rng([args.seed, round_index]),
-                             args.implants_per_brain)
-    whole = fit(model, config, whole_volume_samples(train_volumes + real, "train"),
+                             args.implants_per_brain, mimic_rng=np.random.default_rng([args.seed, round_index, 1]))
+    mimic_rng = np.random.default_rng([args.seed, 1000])
+    train_mimics = mimic_volumes(mimic_rng, grid, args.n_mimic)
+    validation_volumes += mimic_volumes(mimic_rng, grid, args.n_validation // 2)
+    log.info("phase 2: %d whole training volumes, %d validation", len(train_volumes) + len(real) + len(train_mimics),
+             len(validation_volumes))
+    whole = fit(model, config, whole_volume_samples(train_volumes + real + train_mimics, "train"),
                 whole_volume_samples(validation_volumes, "val"), whole_options, args.work_dir / "fit_whole",
                 fold_id=0, dist=cpu)
     model.load_state_dict(torch.load(whole.best_path, weights_only=True)["state_dict"])
@@ -236,13 +279,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"({args.n_synthetic}, half with a lesion, a quarter of controls with non-FCD white-matter "
                 f"distractors) and the two real glioma-brainlesion brains, each as it is (control) and with "
                 f"{args.implants_per_brain} FCD-like implants away from the tumour (one draw in phase 1, "
-                f"{args.whole_real_rounds} in phase 2); no patient data",
+                f"{args.whole_real_rounds} in phase 2); in phase 2 also non-FCD mimics (MS-like plaques, chronic "
+                f"infarcts, gliomas with oedema: {args.n_mimic} synthetic volumes and the real brains, in controls "
+                "and beside FCD lesions, labelled not-FCD); no patient data",
         "phase_1": f"{PATCH}^3 patches, {args.epochs} epochs (best {patches.best_epoch})",
         "phase_2": f"whole volumes, {args.whole_epochs} epochs (best {whole.best_epoch})",
         "seed": args.seed,
         "command": "python tools/train_default_model.py --out bids_fcd/weights --seed "
                    f"{args.seed} --n_synthetic {args.n_synthetic} --n_validation {args.n_validation} "
                    f"--implants_per_brain {args.implants_per_brain} --whole_real_rounds {args.whole_real_rounds} "
+                   f"--n_mimic {args.n_mimic} "
                    f"--epochs {args.epochs} "
                    f"--whole_epochs {args.whole_epochs}",
         "voxel_loss_weight": options.voxel_loss_weight,
