@@ -231,10 +231,11 @@ Real brains with non-FCD lesions, as they are (each should be called control):
 
 ## Limits
 
-- The thresholds and the training-time validation (subject AUROC {training.get("validation_auroc", float("nan")):.2f})
-  used volumes drawn directly on the template grid. Through the real preprocessing (native-space images, N4,
-  brain extraction, registration, resampling) the same kind of lesion is found less often, as the synthetic row
-  above shows: training on pipeline-preprocessed volumes is the next step for this model.
+- Training and its validation (subject AUROC {training.get("validation_auroc", float("nan")):.2f}) used volumes
+  drawn directly on the template grid; the thresholds were set on {training.get("n_calibration", "?")} other
+  synthetic participants pushed through the real preprocessing (native-space images, N4, brain extraction,
+  registration, resampling; subject AUROC {training.get("calibration_auroc", float("nan")):.2f} there). The
+  difference is what preprocessing costs the model: training on pipeline-preprocessed volumes is its next step.
 - Real anatomy from scanners it never saw is where it fails most: see the real-brain row and table above.
 - The non-FCD lesions it was taught to reject are simulated (MS-like plaques, chronic infarcts, gliomas with
   oedema; `bids_fcd.mimics`). Other FLAIR-bright conditions (post-surgical gliosis, encephalitis, tubers,
