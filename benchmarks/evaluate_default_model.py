@@ -203,7 +203,7 @@ on real non-FCD brains; none on patients with FCD. Retrain or fine-tune on your 
 ## Training data and procedure
 
 - Data: {training.get("data", "")}.
-- Phases: {training.get("phase_1", "")}; then {training.get("phase_2", "")}.
+- Phases: {training.get("phase_1", "")}; then {training.get("phase_2", "")}; then {training.get("phase_3", "none")}.
 - Thresholds: {training.get("threshold_rule", "")}.
 - Reproduce: `{training.get("command", "")}` ({training.get("epoch_seconds", "?")} s of training epochs on the
   2-core CPU machine it was trained on, torch {config.versions.get("torch", "?")}; it resumes from its work folder

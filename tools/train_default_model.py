@@ -15,12 +15,15 @@ What it trains on (all simulated lesions, never a patient):
   unseen real stroke, MS and glioma brains were the first model's worst false positives.
 
 The network is the seed card's MobileNetV3-Small-3D with the lesion decoder and the lesion-evidence subject head.
-Two phases. (1) 48^3 patches (72 mm), lesion-centred or random, teach the lesion features fast on a CPU.
+Three phases. (1) 48^3 patches (72 mm), lesion-centred or random, teach the lesion features fast on a CPU.
 (2) Whole volumes fine-tune it for the way it predicts: the network is convolutional but not patch-invariant
 (squeeze-excitation pools each block over its whole input; batch-norm statistics were gathered on patches).
 Measured: the patch-only model marked ~10^5 voxels of whole synthetic brains above 0.5 (whole-volume subject
 AUROC 0.50), the same weights applied tile by tile ~400; after one whole-volume epoch at warm-up learning rate
-the held-out whole-volume AUROC was 1.0.
+the held-out whole-volume AUROC was 1.0. (3) A short fine-tune on synthetic participants pushed through the
+participant level's real preprocessing (`--n_pipeline`; 0 skips it), whose brain-mask edges and interpolation
+template-grid volumes never show: on pipeline-preprocessed controls the phase-2 model's confident false
+candidates sat at the brain's outer edge.
 Thresholds are chosen on a calibration cohort that no training step saw: `bids_fcd synth` participants written
 as raw native-space scans and pushed through the participant level's own preprocessing (N4, brain extraction,
 registration, resampling), so that they are set on what the model sees in use. Template-grid validation volumes
@@ -64,6 +67,7 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 TRAINING_BRAINS = [("glioma-brainlesion", "sub-bratsgli00001"), ("glioma-brainlesion", "sub-tcgadu7294")]
 PATCH = 48
 MAX_FP_PER_CONTROL = 0.3
+PIPELINE_SEED = 5000  # + --seed: phase 3's participants
 CALIBRATION_SEED = 4000  # + --seed; not the seeds of the model card's test cohort (2026) or the demo (7)
 MIMIC_CLEARANCE_MM = 10.0  # a mimic stays this far from an FCD lesion, so no voxel is both
 
@@ -188,9 +192,10 @@ def whole_volume_samples(volumes: list[Volume], prefix: str) -> list[Sample]:
             for index, volume in enumerate(volumes)]
 
 
-def calibration_volumes(work_dir: Path, grid, n: int, seed: int) -> list[Volume]:
-    """`n` synthetic participants as raw scans through the participant level's preprocessing (cached)."""
-    bids_dir = work_dir / "calibration_bids"
+def pipeline_volumes(work_dir: Path, name: str, grid, n: int, seed: int) -> list[Volume]:
+    """`n` synthetic participants (`bids_fcd synth`, `seed`) as raw native-space scans, through the participant
+    level's preprocessing (cached in the work folder): what the model sees in use."""
+    bids_dir = work_dir / f"{name}_n{n}_seed{seed}_bids"  # another draw never reuses this one
     if not (bids_dir / "participants.tsv").is_file():
         shutil.rmtree(bids_dir, ignore_errors=True)  # an interrupted write
         make_cohort(bids_dir, n=n, seed=seed)
@@ -245,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="phase 2: draws of the real brains (each: both as they are + fresh implants)")
     parser.add_argument("--n_mimic", type=int, default=120,
                         help="phase 2: synthetic volumes with a non-FCD mimic (half also with an FCD lesion)")
+    parser.add_argument("--n_pipeline", type=int, default=60,
+                        help="phase 3: synthetic participants through the real preprocessing (0: no phase 3)")
+    parser.add_argument("--pipeline_epochs", type=int, default=4, help="phase 3: epochs")
     parser.add_argument("--n_calibration", type=int, default=40,
                         help="synthetic participants through the real preprocessing, for choosing the thresholds")
     parser.add_argument("--epochs", type=int, default=14, help="phase 1: epochs on patches")
@@ -300,11 +308,23 @@ def main(argv: list[str] | None = None) -> int:
                 whole_volume_samples(validation_volumes, "val"), whole_options, args.work_dir / "fit_whole",
                 fold_id=0, dist=cpu)
     model.load_state_dict(torch.load(whole.best_path, weights_only=True)["state_dict"])
+    # Phase 3: what preprocessing does to a scan (brain-mask edges, interpolation, residual bias, registration
+    # error), which template-grid volumes never show; with a quarter of phase 2's volumes, so that the mimics and
+    # the real anatomy are not forgotten. A fixed short schedule at a low rate: the template-grid validation set
+    # cannot judge this phase, and the calibration cohort must stay unseen until the thresholds.
+    pipeline = (pipeline_volumes(args.work_dir, "pipeline", grid, args.n_pipeline, PIPELINE_SEED + args.seed)
+                if args.n_pipeline else [])
+    if pipeline:
+        pipeline_options = TrainOptions(epochs=args.pipeline_epochs, batch_size=2, learning_rate=2e-4,
+                                        warmup_epochs=1, patience=args.pipeline_epochs, augmentation="gpu",
+                                        seed=args.seed)
+        tuned = fit(model, config, whole_volume_samples(pipeline + (train_volumes + real + train_mimics)[::4], "train"),
+                    [], pipeline_options, args.work_dir / "fit_pipeline", fold_id=0, dist=cpu)
     model.eval()
 
     thresholds = {"validation_auroc": validation_auroc(model, config, validation_volumes),
-                  **choose_thresholds(model, config, calibration_volumes(args.work_dir, grid, args.n_calibration,
-                                                                         CALIBRATION_SEED + args.seed), grid)}
+                  **choose_thresholds(model, config, pipeline_volumes(args.work_dir, "calibration", grid,
+                                                                      args.n_calibration, CALIBRATION_SEED + args.seed), grid)}
     training = {
         "data": "simulated FCD-like lesions only: synthetic volumes from nilearn's MNI152 2009a template anatomy "
                 f"({args.n_synthetic}, half with a lesion, a quarter of controls with non-FCD white-matter "
@@ -315,11 +335,15 @@ def main(argv: list[str] | None = None) -> int:
                 "and beside FCD lesions, labelled not-FCD); no patient data",
         "phase_1": f"{PATCH}^3 patches, {args.epochs} epochs (best {patches.best_epoch})",
         "phase_2": f"whole volumes, {args.whole_epochs} epochs (best {whole.best_epoch})",
+        "phase_3": (f"{args.n_pipeline} synthetic participants through the real preprocessing (bids_fcd synth seed "
+                    f"{PIPELINE_SEED + args.seed}) + a quarter of phase 2's volumes, {args.pipeline_epochs} epochs"
+                    if pipeline else "none"),
         "seed": args.seed,
         "command": "python tools/train_default_model.py --out bids_fcd/weights --seed "
                    f"{args.seed} --n_synthetic {args.n_synthetic} --n_validation {args.n_validation} "
                    f"--implants_per_brain {args.implants_per_brain} --whole_real_rounds {args.whole_real_rounds} "
-                   f"--n_mimic {args.n_mimic} --n_calibration {args.n_calibration} "
+                   f"--n_mimic {args.n_mimic} --n_pipeline {args.n_pipeline} --pipeline_epochs {args.pipeline_epochs} "
+                   f"--n_calibration {args.n_calibration} "
                    f"--epochs {args.epochs} "
                    f"--whole_epochs {args.whole_epochs}",
         "voxel_loss_weight": options.voxel_loss_weight,
@@ -329,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                           "voxel threshold: "
                           f"lowest of 0.3..0.9 with <= {MAX_FP_PER_CONTROL} false-positive clusters per control",
         **thresholds,
-        "epoch_seconds": round(sum(row["seconds"] for row in patches.history + whole.history)),  # both phases
+        "epoch_seconds": round(sum(row["seconds"] for row in patches.history + whole.history
+                                   + (tuned.history if pipeline else []))),  # all phases
         "seconds": round(time.time() - started),  # this invocation (less when it resumed finished phases)
     }
     config = config.updated(subject_threshold=thresholds["subject_threshold"],
@@ -340,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     save_checkpoint(model, config, args.out / "model.pt")
     shutil.copy(args.work_dir / "fit" / "log.tsv", args.out / "training_log_patches.tsv")
     shutil.copy(args.work_dir / "fit_whole" / "log.tsv", args.out / "training_log.tsv")
+    if pipeline:
+        shutil.copy(args.work_dir / "fit_pipeline" / "log.tsv", args.out / "training_log_pipeline.tsv")
     log.info("saved %s: %s", args.out / "model.pt", json.dumps(thresholds))
     return 0
 
