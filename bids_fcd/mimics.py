@@ -54,7 +54,7 @@ def implant_mimic(
     """
     if kind not in MIMIC_KINDS:
         raise ValueError(f"unknown mimic kind {kind!r}; expected one of {MIMIC_KINDS}")
-    levels = _tissue_levels(t1w, flair, gm_prob, wm_prob)
+    levels = _Levels(np.asarray(t1w), np.asarray(flair), np.asarray(gm_prob), np.asarray(wm_prob))
     free = np.ones(t1w.shape, dtype=bool) if avoid is None else ~avoid.astype(bool)
     implant = {"plaques": _plaques, "infarct": _infarct, "tumour": _tumour}[kind]
     t1_change, flair_change, mask = implant(rng, gm_prob, wm_prob, spacing_mm, levels, free)
@@ -79,10 +79,6 @@ class _Levels:
         self.t1_range = self.t1["wm"] - self.t1["csf"]
 
 
-def _tissue_levels(t1w, flair, gm, wm) -> _Levels:
-    return _Levels(np.asarray(t1w), np.asarray(flair), np.asarray(gm), np.asarray(wm))
-
-
 def _plaques(rng, gm, wm, spacing_mm, levels: _Levels, free):
     """Several ovoid plaques, each sharp-edged, FLAIR-bright and T1-dark, anywhere in the white matter."""
     white = (wm > 0.6) & free
@@ -99,9 +95,7 @@ def _plaques(rng, gm, wm, spacing_mm, levels: _Levels, free):
     mask = np.zeros(gm.shape, bool)
     for _ in range(int(rng.integers(PLAQUES_PER_BRAIN[0], PLAQUES_PER_BRAIN[1] + 1))):
         voxels = places[list(places)[int(rng.integers(len(places)))]]
-        centre = voxels[rng.integers(len(voxels))]
-        radii_mm = rng.uniform(*PLAQUE_RADIUS_MM) * np.array([1.0, *rng.uniform(0.5, 1.0, size=2)])
-        box, distance = _ellipsoid_distance(rng, gm.shape, centre, radii_mm, spacing_mm)
+        box, distance = _random_ellipsoid(rng, voxels, PLAQUE_RADIUS_MM, 0.5, gm.shape, spacing_mm)
         plaque = (distance <= 1.0) & (gm[box] + wm[box] > 0.5) & free[box]
         weight = ndimage.gaussian_filter(plaque.astype(np.float32), 0.5)  # sharp edge: half a voxel
         t1_change[box] -= weight * rng.uniform(0.15, 0.45) * levels.t1_range
@@ -112,11 +106,8 @@ def _plaques(rng, gm, wm, spacing_mm, levels: _Levels, free):
 
 def _infarct(rng, gm, wm, spacing_mm, levels: _Levels, free):
     """A cortical-subcortical cavity of CSF (dark on both) inside a gliotic rim (FLAIR-bright, T1-dark)."""
-    cortex = (gm > 0.5) & free
-    centre = np.argwhere(cortex)[rng.integers(int(cortex.sum()))]
-    radius_mm = rng.uniform(*INFARCT_RADIUS_MM)
-    radii_mm = radius_mm * np.array([1.0, *rng.uniform(0.5, 1.0, size=2)])
-    box, distance = _ellipsoid_distance(rng, gm.shape, centre, radii_mm, spacing_mm, roughness=0.25)
+    box, distance = _random_ellipsoid(rng, np.argwhere((gm > 0.5) & free), INFARCT_RADIUS_MM, 0.5, gm.shape,
+                                      spacing_mm, roughness=0.25)
     tissue = (gm[box] + wm[box]) > 0.3
     rim_mm = rng.uniform(2.0, 5.0)
     core = (distance <= 1.0) & tissue & free[box]
@@ -138,11 +129,8 @@ def _infarct(rng, gm, wm, spacing_mm, levels: _Levels, free):
 
 def _tumour(rng, gm, wm, spacing_mm, levels: _Levels, free):
     """A mass: FLAIR-bright, T1-dark oedema through the white matter around a dark core, sometimes ring-enhancing."""
-    white = (wm > 0.8) & free
-    centre = np.argwhere(white)[rng.integers(int(white.sum()))]
-    oedema_mm = rng.uniform(*TUMOUR_OEDEMA_RADIUS_MM)
-    radii_mm = oedema_mm * np.array([1.0, *rng.uniform(0.6, 1.0, size=2)])
-    box, distance = _ellipsoid_distance(rng, gm.shape, centre, radii_mm, spacing_mm, roughness=0.3)
+    box, distance = _random_ellipsoid(rng, np.argwhere((wm > 0.8) & free), TUMOUR_OEDEMA_RADIUS_MM, 0.6, gm.shape,
+                                      spacing_mm, roughness=0.3)
     inside = (gm[box] + wm[box] > 0.3) & free[box]
     oedema = (distance <= 1.0) & inside
     # Oedema spreads along the white matter and spares most of the cortex.
@@ -169,6 +157,15 @@ def _ventricles(gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
     labels, _ = ndimage.label(low)
     border = np.unique(np.concatenate([np.take(labels, i, axis=a).ravel() for a in range(3) for i in (0, -1)]))
     return low & ~np.isin(labels, border)
+
+
+def _random_ellipsoid(rng, voxels: np.ndarray, radius_range_mm: tuple[float, float], min_aspect: float, shape,
+                      spacing_mm: float, roughness: float = 0.0):
+    """An ellipsoid centred on one of `voxels` (N, 3), its longest radius drawn in `radius_range_mm` and the other
+    two at `min_aspect`..1 of it: `_ellipsoid_distance` of it."""
+    centre = voxels[rng.integers(len(voxels))]
+    radii_mm = rng.uniform(*radius_range_mm) * np.array([1.0, *rng.uniform(min_aspect, 1.0, size=2)])
+    return _ellipsoid_distance(rng, shape, centre, radii_mm, spacing_mm, roughness)
 
 
 def _ellipsoid_distance(rng, shape, centre, radii_mm, spacing_mm, roughness: float = 0.0):
