@@ -231,11 +231,12 @@ Real brains with non-FCD lesions, as they are (each should be called control):
 
 ## Limits
 
-- Training and its validation (subject AUROC {training.get("validation_auroc", float("nan")):.2f}) used volumes
-  drawn directly on the template grid; the thresholds were set on {training.get("n_calibration", "?")} other
-  synthetic participants pushed through the real preprocessing (native-space images, N4, brain extraction,
-  registration, resampling; subject AUROC {training.get("calibration_auroc", float("nan")):.2f} there). The
-  difference is what preprocessing costs the model: training on pipeline-preprocessed volumes is its next step.
+- Most training, and its validation (subject AUROC {training.get("validation_auroc", float("nan")):.2f}), used
+  volumes drawn directly on the template grid; only the last phase (if any: {training.get("phase_3", "none")})
+  saw scans pushed through the real preprocessing (native-space images, N4, brain extraction, registration,
+  resampling). The thresholds were set on {training.get("n_calibration", "?")} other synthetic participants
+  treated that way (subject AUROC {training.get("calibration_auroc", float("nan")):.2f} there). The difference is
+  what preprocessing still costs the model: more training on pipeline-preprocessed volumes is its next step.
 - Real anatomy from scanners it never saw is where it fails most: see the real-brain row and table above.
 - The non-FCD lesions it was taught to reject are simulated (MS-like plaques, chronic infarcts, gliomas with
   oedema; `bids_fcd.mimics`). Other FLAIR-bright conditions (post-surgical gliosis, encephalitis, tubers,

@@ -209,13 +209,14 @@ def pipeline_volumes(work_dir: Path, name: str, grid, n: int, seed: int) -> list
     return volumes
 
 
+def predictions(model, config: ModelConfig, volumes: list[Volume]) -> list[tuple[Volume, object]]:
+    """Each volume with the model's single-pass prediction on the CPU."""
+    return [(v, predict(model, config, v.image, v.brain, torch.device("cpu"), n_passes=1)) for v in volumes]
+
+
 def choose_thresholds(model, config: ModelConfig, volumes: list[Volume], grid) -> dict:
     """Subject threshold (Youden's J) and voxel threshold (lowest keeping FP clusters per control in bound)."""
-    device = torch.device("cpu")
-    results = []
-    for volume in volumes:
-        prediction = predict(model, config, volume.image, volume.brain, device, n_passes=1)
-        results.append((volume, prediction))
+    results = predictions(model, config, volumes)
     labels = np.array([v.label for v, _ in results])
     scores = np.array([p.fcd_probability for _, p in results])
     subject_threshold = youden_threshold(labels, scores)  # the group level's rule, evaluate.THRESHOLD_RULE
@@ -233,9 +234,8 @@ def choose_thresholds(model, config: ModelConfig, volumes: list[Volume], grid) -
 
 def validation_auroc(model, config: ModelConfig, volumes: list[Volume]) -> float:
     """Subject AUROC on the held-out template-grid volumes (what training early-stopped on)."""
-    scores = [predict(model, config, v.image, v.brain, torch.device("cpu"), n_passes=1).fcd_probability
-              for v in volumes]
-    return float(roc_auc_score([v.label for v in volumes], scores))
+    results = predictions(model, config, volumes)
+    return float(roc_auc_score([v.label for v, _ in results], [p.fcd_probability for _, p in results]))
 
 
 def main(argv: list[str] | None = None) -> int:
