@@ -33,6 +33,7 @@ from scipy import ndimage
 
 from bids_fcd.cache import load_or_preprocess
 from bids_fcd.cli import main as run_app
+from bids_fcd.config import DEFAULT_N_PASSES
 from bids_fcd.evaluate import lesion_case, lesion_summary, subject_metrics
 from bids_fcd.infer import predict
 from bids_fcd.inputs import discover
@@ -126,7 +127,7 @@ def evaluate_real(model_path: Path, work: Path, implants: int, seed: int) -> lis
             t1w, flair, lesion = implant_fcd(pre.t1w, pre.flair, gm, wm, params, grid.spacing_mm)
             cases.append((f"implant {index + 1}", t1w, flair, lesion, 1))
         for what, t1w, flair, lesion, label in cases:
-            prediction = predict(model, config, np.stack([t1w, flair]), brain, device, n_passes=2, seed=seed)
+            prediction = predict(model, config, np.stack([t1w, flair]), brain, device, n_passes=DEFAULT_N_PASSES, seed=seed)
             rows.append({"case": f"{folder}/{t1w_name.split('_T1w')[0]} {what}", "label": label,
                          "fcd_probability": prediction.fcd_probability,
                          "lesion_case": lesion_case(prediction.prob_template, lesion, config.voxel_threshold,
@@ -238,6 +239,8 @@ Real brains with non-FCD lesions, as they are (each should be called control):
   treated that way (subject AUROC {training.get("calibration_auroc", float("nan")):.2f} there). The difference is
   what preprocessing still costs the model: more training on pipeline-preprocessed volumes is its next step.
 - Real anatomy from scanners it never saw is where it fails most: see the real-brain row and table above.
+- The thresholds hold for maps made as the participant level makes them by default ({DEFAULT_N_PASSES} test-time passes:
+  flips and MC dropout, averaged); other `--n_passes` values move the probabilities and so the operating point.
 - The non-FCD lesions it was taught to reject are simulated (MS-like plaques, chronic infarcts, gliomas with
   oedema; `bids_fcd.mimics`). Other FLAIR-bright conditions (post-surgical gliosis, encephalitis, tubers,
   small-vessel disease of the elderly) were never shown to it and may be called FCD.

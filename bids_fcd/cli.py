@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from bids_fcd import __version__
+from bids_fcd.config import DEFAULT_N_PASSES
 from bids_fcd.inputs import InputError, read_filter_file, validate_labels
 
 EXIT_OK = 0
@@ -66,8 +67,9 @@ def build_parser() -> Parser:
     parser.add_argument("--work_dir", type=Path, metavar="DIR",
                         help="scratch space (default: OUTPUT_DIR/work, removed on success)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
-    parser.add_argument("--n_passes", type=positive_int, default=4, metavar="N",
-                        help="stochastic passes (test-time flips, MC dropout) for the uncertainty map")
+    parser.add_argument("--n_passes", type=positive_int, default=DEFAULT_N_PASSES, metavar="N",
+                        help="stochastic passes (test-time flips, MC dropout) for the uncertainty map "
+                             f"(default: {DEFAULT_N_PASSES}, as the shipped model's thresholds were chosen)")
     group = parser.add_argument_group(
         "group level (training)",
         "Trains on OUTPUT_DIR/cache (preprocessing what is missing) and writes OUTPUT_DIR/group/. Several GPUs "

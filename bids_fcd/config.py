@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 TEMPLATE_SPACE = "MNI152NLin2009aSym"
+DEFAULT_N_PASSES = 4  # test-time passes of the participant level; thresholds are chosen on maps made this way
 
 
 @dataclass(frozen=True)

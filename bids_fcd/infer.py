@@ -22,7 +22,7 @@ from nibabel.volumeutils import array_from_file
 from scipy import ndimage
 from torch import nn
 
-from .config import ModelConfig
+from .config import DEFAULT_N_PASSES, ModelConfig
 from .explain import DEFAULT_CAM_STAGE, grad_cam_pass
 from .template import Grid
 
@@ -71,7 +71,7 @@ def _set_mc_dropout(model: nn.Module, active: bool) -> None:
 
 
 def predict(model: nn.Module, config: ModelConfig, channels: np.ndarray, brain_mask: np.ndarray,
-            device: torch.device, n_passes: int = 4, seed: int = 0,
+            device: torch.device, n_passes: int = DEFAULT_N_PASSES, seed: int = 0,
             cam_stage: str = DEFAULT_CAM_STAGE) -> Prediction:
     """Test-time-augmented prediction for one participant.
 

@@ -285,17 +285,26 @@ def thresholds(run: GroupRun, oof: Predicted) -> tuple[float, float, str]:
     from bids_fcd.evaluate import VOXEL_THRESHOLD_RULE, choose_voxel_threshold, youden_threshold
 
     subject = youden_threshold(run.labels[oof.indices], oof.probability)
-    with_mask = [j for j, i in enumerate(oof.indices) if run.samples[i].label == 1
-                 and run.samples[i].lesion is not None]
-    if not with_mask:
-        return subject, run.config.voxel_threshold, ("kept from the starting model (no lesion masks to "
-                                                     "tune on)")
-    voxel = choose_voxel_threshold([oof.maps[j] for j in with_mask],
-                                   [run.samples[oof.indices[j]].lesion for j in with_mask])
-    if voxel is None:
-        return subject, run.config.voxel_threshold, ("kept from the starting model: out-of-fold Dice was 0 "
-                                                     "at every candidate threshold")
+    known = [(oof.maps[j], lesion) for j, i in enumerate(oof.indices)
+             if (lesion := known_lesion(run.samples[i])) is not None]
+    if not known:
+        return subject, run.config.voxel_threshold, ("kept from the starting model (no control and no lesion "
+                                                     "mask to count false positives on)")
+    voxel = choose_voxel_threshold([prob for prob, _ in known], [lesion for _, lesion in known],
+                                   min_cluster_voxels(run.config))
     return subject, voxel, VOXEL_THRESHOLD_RULE
+
+
+def known_lesion(sample) -> np.ndarray | None:
+    """The sample's lesion mask; all zero for a control; None for a patient without a mask."""
+    if sample.lesion is not None:
+        return sample.lesion
+    return np.zeros(sample.brain_mask.shape, dtype=bool) if sample.label == 0 else None
+
+
+def min_cluster_voxels(config) -> int:
+    """Smallest kept candidate cluster in voxels of the model grid, as `infer.find_clusters` cuts them."""
+    return max(1, math.ceil(config.min_cluster_mm3 / config.grid_spacing_mm ** 3))
 
 
 def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], subject_threshold: float,
@@ -304,12 +313,10 @@ def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], sub
     from bids_fcd.evaluate import lesion_case
 
     rows = []
-    min_voxels = max(1, math.ceil(run.config.min_cluster_mm3 / run.config.grid_spacing_mm ** 3))
+    min_voxels = min_cluster_voxels(run.config)
     for j, i in enumerate(predicted.indices):
         sample = run.samples[i]
-        lesion = sample.lesion if sample.lesion is not None else (
-            np.zeros(sample.brain_mask.shape, dtype=bool) if sample.label == 0 else None)
-        case = lesion_case(predicted.maps[j].astype(np.float32), lesion, voxel_threshold, min_voxels)
+        case = lesion_case(predicted.maps[j].astype(np.float32), known_lesion(sample), voxel_threshold, min_voxels)
         meta = sample.unit.metadata
         rows.append({
             "participant_id": sample.participant_id, "session": sample.unit.session or "n/a",

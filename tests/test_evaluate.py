@@ -79,6 +79,13 @@ def test_youden_threshold_by_hand():
         evaluate.youden_threshold(np.ones(3), np.ones(3))
 
 
+def test_youden_ties_go_to_the_more_specific_cut():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    prob = np.array([0.1, 0.2, 0.3, 0.9, 0.4, 0.95, 0.96, 0.97])
+    # cut 0.35: sensitivity 1.0, specificity 0.75; cut 0.925: 0.75 / 1.0; J is 0.75 at both
+    assert evaluate.youden_threshold(y, prob) == pytest.approx(0.925)
+
+
 def test_bootstrap_ci_contains_the_point_estimate_and_replays():
     y, prob = random_predictions(0, 60)
     point = evaluate.auroc(y, prob)
@@ -164,30 +171,40 @@ def test_lesion_summary_and_ci():
     assert low <= 0.5 <= high
 
 
-def test_voxel_threshold_maximises_mean_dice():
-    rng = np.random.default_rng(0)
-    maps, lesions = [], []
-    for _ in range(3):
-        lesion = np.zeros((10, 10, 10), dtype=np.float32)
-        lesion[3:6, 3:6, 3:6] = 1
-        maps.append(np.clip(lesion * 0.6 + rng.random(lesion.shape) * 0.5, 0, 1).astype(np.float32))
-        lesions.append(lesion)
-    chosen = evaluate.choose_voxel_threshold(maps, lesions)
-    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
-    mean_dice = [np.mean([evaluate.dice(m >= t, les >= 0.5) for m, les in zip(maps, lesions)]) for t in grid]
-    assert np.mean([evaluate.dice(m >= chosen, les >= 0.5) for m, les in zip(maps, lesions)]) == \
-        pytest.approx(max(mean_dice))
+def _control_with_blobs(peaks: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """A control's map: one separate 2x2x2 blob per peak probability; its (empty) lesion mask."""
+    prob = np.zeros((12, 12, 12), dtype=np.float32)
+    for k, peak in enumerate(peaks):
+        prob[1 + 3 * k:3 + 3 * k, 1:3, 1:3] = peak
+    return prob, np.zeros_like(prob)
+
+
+def test_voxel_threshold_is_the_lowest_within_the_false_positive_bound():
+    patient = np.zeros((12, 12, 12), dtype=np.float32)
+    lesion = np.zeros_like(patient)
+    lesion[6:9, 6:9, 6:9] = 1
+    patient[6:9, 6:9, 6:9] = 0.35  # a faint true lesion: only thresholds <= 0.35 find it
+    controls = [_control_with_blobs([0.25, 0.15]), _control_with_blobs([0.22]), _control_with_blobs([])]
+    maps = [patient] + [c[0] for c in controls]
+    lesions = [lesion] + [c[1] for c in controls]
+    # 0.05..0.15: 3 false clusters over 4 participants; 0.20: 2 (0.5 each); 0.25: 1 (0.25 <= 0.3)
+    assert evaluate.choose_voxel_threshold(maps, lesions, min_voxels=1) == 0.25
+    assert evaluate.choose_voxel_threshold(maps, lesions, min_voxels=1, max_false_positives=0.5) == 0.2
+    assert evaluate.choose_voxel_threshold(maps, lesions, min_voxels=9) == 0.05  # blobs of 8 voxels dropped
+    # the lesion is no false positive, and a cluster off the mask in a patient is one
+    off_mask = patient.copy()
+    off_mask[0:2, 0:2, 10:12] = 0.6
+    assert evaluate.choose_voxel_threshold([off_mask], [lesion], min_voxels=1) == 0.65
+
+
+def test_voxel_threshold_takes_the_fewest_false_positives_when_none_meets_the_bound():
+    control, empty = _control_with_blobs([0.99, 0.99])  # two confident false clusters at every threshold
+    assert evaluate.choose_voxel_threshold([control], [empty], min_voxels=1) == 0.95
+    with pytest.raises(ValueError, match="known lesion status"):
+        evaluate.choose_voxel_threshold([], [], min_voxels=1)
 
 
 def test_by_group_skips_tiny_groups():
     groups = np.array(["a", "a", "b"])
     result = evaluate.by_group(groups, lambda mask: int(mask.sum()))
     assert result == {"a": 2}
-
-
-def test_voxel_threshold_is_none_when_no_map_finds_its_lesion():
-    lesion = np.zeros((6, 6, 6), dtype=np.float32)
-    lesion[1:3, 1:3, 1:3] = 1
-    prob = np.zeros_like(lesion)
-    prob[4:, 4:, 4:] = 0.9  # confident, and wrong
-    assert evaluate.choose_voxel_threshold([prob], [lesion]) is None

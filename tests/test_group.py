@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bids_fcd import cli, data
+from bids_fcd import cli, data, evaluate
 from bids_fcd.models import build_model, load_checkpoint, save_checkpoint
 from tests import browser
 from tests.group_factory import TINY_CONFIG, fake_preprocess_unit, write_tiny_bids
@@ -92,6 +92,17 @@ def test_model_is_a_weights_only_checkpoint_with_the_chosen_thresholds(group_run
     with torch.no_grad():
         outputs = model(torch.zeros(1, 2, *TINY_CONFIG.grid_shape))
     assert outputs["voxel_logits"].shape == (1, 1, *TINY_CONFIG.grid_shape)
+
+
+def test_voxel_threshold_keeps_out_of_fold_false_positives_in_bound(group_run):
+    _, out, _ = group_run
+    metrics = json.loads((out / "group" / "metrics.json").read_text())
+    assert metrics["protocol"]["voxel_threshold_rule"] == evaluate.VOXEL_THRESHOLD_RULE
+    table = pd.read_csv(out / "group" / "predictions.tsv", sep="\t", keep_default_na=False)
+    out_of_fold = table[(table["fold"] != "test") & (table["n_false_positive"] != "")]
+    mean_false_positives = out_of_fold["n_false_positive"].astype(int).mean()
+    assert (mean_false_positives <= evaluate.MAX_FP_PER_PARTICIPANT
+            or metrics["protocol"]["voxel_threshold"] == evaluate.VOXEL_THRESHOLDS[-1])
 
 
 def test_predictions_table_has_one_row_per_unit(group_run):

@@ -28,8 +28,10 @@ Thresholds are chosen on a calibration cohort that no training step saw: `bids_f
 as raw native-space scans and pushed through the participant level's own preprocessing (N4, brain extraction,
 registration, resampling), so that they are set on what the model sees in use. Template-grid validation volumes
 gave a subject threshold that called half the demo's patients control: preprocessing compresses the
-probabilities. The subject threshold is Youden's J on the subject probability, the voxel threshold the lowest
-that keeps false-positive clusters per calibration control at or under the target.
+probabilities. The subject threshold is Youden's J on the subject probability, the voxel threshold the group
+level's rule (`evaluate.VOXEL_THRESHOLD_RULE`: the lowest keeping false-positive clusters per calibration participant
+within a bound), both on maps made with the participant level's test-time passes. `--recalibrate` chooses them
+again for the model already in `--out`, without retraining.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import argparse
 import json
 import logging
 import platform
+import re
 import shutil
 import time
 from pathlib import Path
@@ -49,24 +52,24 @@ from sklearn.metrics import roc_auc_score
 
 from bids_fcd import __version__
 from bids_fcd.cache import load_or_preprocess
-from bids_fcd.config import ModelConfig
+from bids_fcd.config import DEFAULT_N_PASSES, ModelConfig
 from bids_fcd.data import Sample
 from bids_fcd.engine import DistContext, TrainOptions, fit
-from bids_fcd.evaluate import THRESHOLD_RULE, youden_threshold
-from bids_fcd.infer import find_clusters, predict
+from bids_fcd.evaluate import THRESHOLD_RULE, VOXEL_THRESHOLD_RULE, choose_voxel_threshold, youden_threshold
+from bids_fcd.infer import predict
 from bids_fcd.inputs import Participant, discover
 from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
 from bids_fcd.mimics import MIMIC_KINDS, implant_mimic
-from bids_fcd.models import build_model, save_checkpoint
+from bids_fcd.models import build_model, load_checkpoint, save_checkpoint
 from bids_fcd.preprocess import mask_to_template, normalise_intensity
 from bids_fcd.synth import make_cohort, neocortical_territory, synth_template_sample, template_tissue_maps
 from bids_fcd.template import model_grid
+from bids_fcd.train import min_cluster_voxels
 
 log = logging.getLogger("train_default_model")
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 TRAINING_BRAINS = [("glioma-brainlesion", "sub-bratsgli00001"), ("glioma-brainlesion", "sub-tcgadu7294")]
 PATCH = 48
-MAX_FP_PER_CONTROL = 0.3
 PIPELINE_SEED = 5000  # + --seed: phase 3's participants
 CALIBRATION_SEED = 4000  # + --seed; not the seeds of the model card's test cohort (2026) or the demo (7)
 MIMIC_CLEARANCE_MM = 10.0  # a mimic stays this far from an FCD lesion, so no voxel is both
@@ -209,33 +212,61 @@ def pipeline_volumes(work_dir: Path, name: str, grid, n: int, seed: int) -> list
     return volumes
 
 
-def predictions(model, config: ModelConfig, volumes: list[Volume]) -> list[tuple[Volume, object]]:
-    """Each volume with the model's single-pass prediction on the CPU."""
-    return [(v, predict(model, config, v.image, v.brain, torch.device("cpu"), n_passes=1)) for v in volumes]
+def predictions(model, config: ModelConfig, volumes: list[Volume], n_passes: int) -> list[tuple[Volume, object]]:
+    """Each volume with the model's prediction on the CPU."""
+    return [(v, predict(model, config, v.image, v.brain, torch.device("cpu"), n_passes=n_passes)) for v in volumes]
 
 
-def choose_thresholds(model, config: ModelConfig, volumes: list[Volume], grid) -> dict:
-    """Subject threshold (Youden's J) and voxel threshold (lowest keeping FP clusters per control in bound)."""
-    results = predictions(model, config, volumes)
+def choose_thresholds(model, config: ModelConfig, volumes: list[Volume]) -> dict:
+    """Subject threshold (Youden's J) and voxel threshold (`VOXEL_THRESHOLD_RULE`) on maps made as the participant
+    level makes them (`DEFAULT_N_PASSES` test-time passes)."""
+    results = predictions(model, config, volumes, DEFAULT_N_PASSES)
     labels = np.array([v.label for v, _ in results])
     scores = np.array([p.fcd_probability for _, p in results])
-    subject_threshold = youden_threshold(labels, scores)  # the group level's rule, evaluate.THRESHOLD_RULE
-    voxel_threshold = 0.5
-    for candidate in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
-        false_positives = [len(find_clusters(p.prob_template, grid, candidate, config.min_cluster_mm3,
-                                             to_scanner_mm=lambda x: x))
-                           for v, p in results if v.label == 0]
-        if np.mean(false_positives) <= MAX_FP_PER_CONTROL:
-            voxel_threshold = candidate
-            break
-    return {"subject_threshold": subject_threshold, "voxel_threshold": voxel_threshold,
+    voxel_threshold = choose_voxel_threshold([p.prob_template for _, p in results], [v.lesion for v, _ in results],
+                                             min_cluster_voxels(config))
+    return {"subject_threshold": youden_threshold(labels, scores), "voxel_threshold": voxel_threshold,
             "calibration_auroc": float(roc_auc_score(labels, scores)), "n_calibration": len(results)}
 
 
 def validation_auroc(model, config: ModelConfig, volumes: list[Volume]) -> float:
-    """Subject AUROC on the held-out template-grid volumes (what training early-stopped on)."""
-    results = predictions(model, config, volumes)
+    """Subject AUROC on the held-out template-grid volumes (what training early-stopped on: one pass)."""
+    results = predictions(model, config, volumes, n_passes=1)
     return float(roc_auc_score([v.label for v, _ in results], [p.fcd_probability for _, p in results]))
+
+
+def threshold_rule(n_calibration: int, seed: int) -> str:
+    """How the shipped thresholds were chosen, for the model card."""
+    return (f"subject threshold: {THRESHOLD_RULE}; voxel threshold: {VOXEL_THRESHOLD_RULE}; both on {n_calibration} "
+            f"synthetic participants (bids_fcd synth seed {CALIBRATION_SEED + seed}) through the participant level's "
+            f"preprocessing, with its {DEFAULT_N_PASSES} test-time passes")
+
+
+def calibration_volumes(args: argparse.Namespace, grid) -> list[Volume]:
+    """The calibration cohort: never trained on, only used to choose the thresholds."""
+    return pipeline_volumes(args.work_dir, "calibration", grid, args.n_calibration, CALIBRATION_SEED + args.seed)
+
+
+def save(model, config: ModelConfig, thresholds: dict, training: dict, out: Path) -> None:
+    """The checkpoint and its model.json, with the thresholds in the config and in the training record."""
+    config = config.updated(subject_threshold=thresholds["subject_threshold"],
+                            voxel_threshold=thresholds["voxel_threshold"], training={**training, **thresholds},
+                            versions={"bids_fcd": __version__, "torch": torch.__version__,
+                                      "python": platform.python_version()})
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, config, out / "model.pt")
+    log.info("saved %s: %s", out / "model.pt", json.dumps(thresholds))
+
+
+def recalibrate(args: argparse.Namespace, grid) -> int:
+    """Choose the thresholds of the model already in `--out` again (after a change of rule), without retraining."""
+    model, config = load_checkpoint(args.out / "model.pt")
+    thresholds = choose_thresholds(model, config, calibration_volumes(args, grid))
+    # the full command with this --n_calibration gives these weights and thresholds: no weight depends on it
+    command = re.sub(r"--n_calibration \d+", f"--n_calibration {args.n_calibration}", config.training["command"])
+    save(model, config, thresholds, {**config.training, "command": command,
+                                     "threshold_rule": threshold_rule(args.n_calibration, args.seed)}, args.out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=14, help="phase 1: epochs on patches")
     parser.add_argument("--whole_epochs", type=int, default=8, help="phase 2: epochs on whole volumes")
     parser.add_argument("--n_threads", type=int, default=2)
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="only choose the thresholds of --out/model.pt again, on the calibration cohort")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.n_threads)
@@ -265,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = ModelConfig(name="bids_fcd-default", model_version=__version__, arch_params={"dropout": 0.1})
     grid = model_grid(config.grid_spacing_mm, config.grid_shape)
+    if args.recalibrate:
+        return recalibrate(args, grid)
     rng = np.random.default_rng(args.seed)
     _, wm, _ = template_tissue_maps(grid)
 
@@ -323,8 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
 
     thresholds = {"validation_auroc": validation_auroc(model, config, validation_volumes),
-                  **choose_thresholds(model, config, pipeline_volumes(args.work_dir, "calibration", grid,
-                                                                      args.n_calibration, CALIBRATION_SEED + args.seed), grid)}
+                  **choose_thresholds(model, config, calibration_volumes(args, grid))}
     training = {
         "data": "simulated FCD-like lesions only: synthetic volumes from nilearn's MNI152 2009a template anatomy "
                 f"({args.n_synthetic}, half with a lesion, a quarter of controls with non-FCD white-matter "
@@ -347,27 +381,16 @@ def main(argv: list[str] | None = None) -> int:
                    f"--epochs {args.epochs} "
                    f"--whole_epochs {args.whole_epochs}",
         "voxel_loss_weight": options.voxel_loss_weight,
-        "threshold_rule": f"subject threshold: {THRESHOLD_RULE}, here on {args.n_calibration} synthetic participants "
-                          f"(bids_fcd synth seed {CALIBRATION_SEED + args.seed}) through the participant "
-                          "level's preprocessing; "
-                          "voxel threshold: "
-                          f"lowest of 0.3..0.9 with <= {MAX_FP_PER_CONTROL} false-positive clusters per control",
-        **thresholds,
+        "threshold_rule": threshold_rule(args.n_calibration, args.seed),
         "epoch_seconds": round(sum(row["seconds"] for row in patches.history + whole.history
                                    + (tuned.history if pipeline else []))),  # all phases
         "seconds": round(time.time() - started),  # this invocation (less when it resumed finished phases)
     }
-    config = config.updated(subject_threshold=thresholds["subject_threshold"],
-                            voxel_threshold=thresholds["voxel_threshold"], training=training,
-                            versions={"bids_fcd": __version__, "torch": torch.__version__,
-                                      "python": platform.python_version()})
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, config, args.out / "model.pt")
+    save(model, config, thresholds, training, args.out)
     shutil.copy(args.work_dir / "fit" / "log.tsv", args.out / "training_log_patches.tsv")
     shutil.copy(args.work_dir / "fit_whole" / "log.tsv", args.out / "training_log.tsv")
     if pipeline:
         shutil.copy(args.work_dir / "fit_pipeline" / "log.tsv", args.out / "training_log_pipeline.tsv")
-    log.info("saved %s: %s", args.out / "model.pt", json.dumps(thresholds))
     return 0
 
 
