@@ -71,6 +71,21 @@ def prediction_figures(pre, prediction, clusters, figures_dir: Path, stem: str) 
     return figures
 
 
+def discordance_note(predicted: str, n_clusters: int) -> str:
+    """A sentence for the reader when the subject call and the candidate list disagree, else "".
+
+    Both come from one map (the subject head reads its strongest voxels) but are cut by separate thresholds, so
+    a subject can be called FCD with no cluster large or confident enough to list, or control with clusters.
+    """
+    if predicted == "fcd" and n_clusters == 0:
+        return ("The subject-level call is FCD but no region reached the voxel threshold: the evidence is weak or "
+                "diffuse, and there is no candidate to review. The views below are cut at the saliency maximum.")
+    if predicted == "control" and n_clusters > 0:
+        return ("The subject-level call is control, yet candidate clusters were found: review them; each is a "
+                "possible lesion or a false positive.")
+    return ""
+
+
 def _table(rows: list[list], header: list[str]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
@@ -117,6 +132,7 @@ figure {{ display: inline-block; margin: .5em; }} img {{ max-width: 560px; }}
 <p class="verdict {verdict_class}">Subject-level FCD probability <strong>{probability:.3f}</strong>
 (threshold {config.subject_threshold:.3f}): <strong>{html.escape(predicted)}</strong></p>
 <p>{len(clusters)} candidate cluster(s) at voxel probability &ge; {config.voxel_threshold:.2f}.
+{html.escape(discordance_note(predicted, len(clusters)))}
 Model <code>{html.escape(config.name)}</code> version {html.escape(config.model_version)}
 ({html.escape(config.architecture)}); bids_fcd {html.escape(__version__)};
 {prediction.n_passes} stochastic pass(es). Brain extraction: {html.escape(pre.brain_extraction)}.</p>
