@@ -89,7 +89,7 @@ def evaluate_synthetic(model_path: Path, work: Path, n: int, seed: int, n_cpus: 
         raise RuntimeError(f"participant level exited {code}")
     _, config = load_checkpoint(model_path)
     grid = model_grid(config.grid_spacing_mm, config.grid_shape)
-    min_voxels = max(1, int(np.ceil(config.min_cluster_mm3 / grid.voxel_volume_mm3)))
+    min_voxels = config.min_cluster_voxels
     rows = []
     for unit in discover(bids_dir):
         pre = load_or_preprocess(out / "cache", unit.t1w, unit.flair, grid)
@@ -109,7 +109,7 @@ def evaluate_real(model_path: Path, work: Path, implants: int, seed: int) -> lis
     """Unseen real brains as they are (controls) and with implanted FCD-like lesions (patients)."""
     model, config = load_checkpoint(model_path)
     grid = model_grid(config.grid_spacing_mm, config.grid_shape)
-    min_voxels = max(1, int(np.ceil(config.min_cluster_mm3 / grid.voxel_volume_mm3)))
+    min_voxels = config.min_cluster_voxels
     territory = neocortical_territory(grid)
     rng = np.random.default_rng(seed)
     device = torch.device("cpu")

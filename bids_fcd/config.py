@@ -7,6 +7,7 @@ its inputs always agree. It is saved as JSON beside the weights (`model.json`) a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -46,6 +47,11 @@ class ModelConfig:
     model_version: str = "untrained"
     training: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
+
+    @property
+    def min_cluster_voxels(self) -> int:
+        """`min_cluster_mm3` in voxels of the model grid: the smallest candidate cluster kept."""
+        return max(1, math.ceil(self.min_cluster_mm3 / self.grid_spacing_mm ** 3))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -20,7 +20,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import platform
 from dataclasses import dataclass
 from datetime import date
@@ -291,20 +290,15 @@ def thresholds(run: GroupRun, oof: Predicted) -> tuple[float, float, str]:
         return subject, run.config.voxel_threshold, ("kept from the starting model (no control and no lesion "
                                                      "mask to count false positives on)")
     voxel = choose_voxel_threshold([prob for prob, _ in known], [lesion for _, lesion in known],
-                                   min_cluster_voxels(run.config))
+                                   run.config.min_cluster_voxels)
     return subject, voxel, VOXEL_THRESHOLD_RULE
 
 
-def known_lesion(sample) -> np.ndarray | None:
+def known_lesion(sample: Sample) -> np.ndarray | None:
     """The sample's lesion mask; all zero for a control; None for a patient without a mask."""
     if sample.lesion is not None:
         return sample.lesion
     return np.zeros(sample.brain_mask.shape, dtype=bool) if sample.label == 0 else None
-
-
-def min_cluster_voxels(config) -> int:
-    """Smallest kept candidate cluster in voxels of the model grid, as `infer.find_clusters` cuts them."""
-    return max(1, math.ceil(config.min_cluster_mm3 / config.grid_spacing_mm ** 3))
 
 
 def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], subject_threshold: float,
@@ -313,7 +307,7 @@ def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], sub
     from bids_fcd.evaluate import lesion_case
 
     rows = []
-    min_voxels = min_cluster_voxels(run.config)
+    min_voxels = run.config.min_cluster_voxels
     for j, i in enumerate(predicted.indices):
         sample = run.samples[i]
         case = lesion_case(predicted.maps[j].astype(np.float32), known_lesion(sample), voxel_threshold, min_voxels)

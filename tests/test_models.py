@@ -166,3 +166,8 @@ def test_training_on_lesion_toy_lowers_the_loss_and_separates_the_classes() -> N
 def test_toy_config_matches_the_toy_grid() -> None:
     assert toy_config().grid_shape == SHAPE
     assert json.loads(toy_config().to_json())["arch_params"]["dropout"] == 0.0
+
+
+def test_min_cluster_voxels_rounds_the_volume_up_on_the_grid() -> None:
+    assert ModelConfig(grid_spacing_mm=1.5, min_cluster_mm3=50.0).min_cluster_voxels == 15  # 50 / 3.375 = 14.8
+    assert ModelConfig(grid_spacing_mm=6.0, min_cluster_mm3=50.0).min_cluster_voxels == 1

@@ -64,7 +64,6 @@ from bids_fcd.models import build_model, load_checkpoint, save_checkpoint
 from bids_fcd.preprocess import mask_to_template, normalise_intensity
 from bids_fcd.synth import make_cohort, neocortical_territory, synth_template_sample, template_tissue_maps
 from bids_fcd.template import model_grid
-from bids_fcd.train import min_cluster_voxels
 
 log = logging.getLogger("train_default_model")
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
@@ -224,7 +223,7 @@ def choose_thresholds(model, config: ModelConfig, volumes: list[Volume]) -> dict
     labels = np.array([v.label for v, _ in results])
     scores = np.array([p.fcd_probability for _, p in results])
     voxel_threshold = choose_voxel_threshold([p.prob_template for _, p in results], [v.lesion for v, _ in results],
-                                             min_cluster_voxels(config))
+                                             config.min_cluster_voxels)
     return {"subject_threshold": youden_threshold(labels, scores), "voxel_threshold": voxel_threshold,
             "calibration_auroc": float(roc_auc_score(labels, scores)), "n_calibration": len(results)}
 
