@@ -238,7 +238,10 @@ Real brains with non-FCD lesions, as they are (each should be called control):
   resampling). The thresholds were set on {training.get("n_calibration", "?")} other synthetic participants
   treated that way (subject AUROC {training.get("calibration_auroc", float("nan")):.2f} there). The difference is
   what preprocessing still costs the model: more training on pipeline-preprocessed volumes is its next step.
-- Real anatomy from scanners it never saw is where it fails most: see the real-brain row and table above.
+- Real anatomy from scanners it never saw is where it fails most: see the real-brain row and table above. One
+  measured reason: after normalisation real FLAIR sits lower and wider in the brain (median 0.48-0.68) than the
+  synthetic FLAIR it learned from (about 0.80), so real brains score high; mapping real FLAIR onto the synthetic
+  histogram lowered those scores but did not restore discrimination.
 - The thresholds hold for maps made as the participant level makes them by default ({DEFAULT_N_PASSES} test-time passes:
   flips and MC dropout, averaged); other `--n_passes` values move the probabilities and so the operating point.
 - The non-FCD lesions it was taught to reject are simulated (MS-like plaques, chronic infarcts, gliomas with

@@ -263,7 +263,6 @@ def lesion_metrics_with_ci(cases: Sequence[dict], n_boot: int = 1000, seed: int 
 
 
 def choose_voxel_threshold(prob_maps: Sequence[np.ndarray], lesions: Sequence[np.ndarray], min_voxels: int,
-                           candidates: Sequence[float] = VOXEL_THRESHOLDS,
                            max_false_positives: float = MAX_FP_PER_PARTICIPANT) -> float:
     """The voxel threshold of `VOXEL_THRESHOLD_RULE`.
 
@@ -275,20 +274,19 @@ def choose_voxel_threshold(prob_maps: Sequence[np.ndarray], lesions: Sequence[np
             the predictions table counts them).
         lesions: their lesion masks on the same grid (>= 0.5 is lesion; all zero for a control).
         min_voxels: smallest kept cluster, as the participant level cuts them.
-        candidates: thresholds to try, ascending.
         max_false_positives: bound on the mean false-positive clusters per participant.
     """
     if not prob_maps:
         raise ValueError("no participant with a known lesion status to tune the voxel threshold on")
     mean_false_positives = []
-    for threshold in candidates:
+    for threshold in VOXEL_THRESHOLDS:
         cases = [lesion_case(np.asarray(prob, dtype=np.float32), lesion, threshold, min_voxels)
                  for prob, lesion in zip(prob_maps, lesions)]
         mean_false_positives.append(float(np.mean([case["n_false_positive"] for case in cases])))
         if mean_false_positives[-1] <= max_false_positives:
-            return float(threshold)
+            return threshold
     fewest = np.flatnonzero(np.isclose(mean_false_positives, min(mean_false_positives)))
-    return float(candidates[fewest[-1]])
+    return VOXEL_THRESHOLDS[fewest[-1]]
 
 
 def by_group(groups: np.ndarray, compute: Callable[[np.ndarray], dict], min_size: int = 2) -> dict:
