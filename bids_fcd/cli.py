@@ -81,7 +81,9 @@ def build_parser() -> Parser:
     group.add_argument("--n_folds", type=positive_int, default=5, help="cross-validation folds (default: 5)")
     group.add_argument("--epochs", type=positive_int, default=30, help="training epochs per fold (default: 30)")
     group.add_argument("--batch_size", type=positive_int, default=4, help="volumes per step (default: 4)")
-    group.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW peak learning rate")
+    group.add_argument("--learning_rate", type=float, default=None,
+                       help="AdamW peak learning rate (default: 1e-4 when fine-tuning a trained model, 1e-3 from "
+                            "random initialisation)")
     group.add_argument("--architecture", default=None,
                        help="network from the registry (default: the starting model's, mobilenet3d_small)")
     group.add_argument("--arch_params", type=json_object, default=None, metavar="JSON",

@@ -211,3 +211,13 @@ def test_participant_level_uses_the_group_model(group_run, tmp_path):
     assert prediction["threshold"] == model_json["subject_threshold"]
     assert prediction["threshold_rule"] == model_json["training"]["threshold_rule"]
     assert prediction["model"]["name"] == "bids_fcd-group"
+
+
+def test_default_learning_rate_is_lower_when_fine_tuning():
+    from bids_fcd.train import FINE_TUNE_LEARNING_RATE, SCRATCH_LEARNING_RATE, training_options
+
+    args = cli.build_parser().parse_args(["bids", "out", "group"])
+    assert training_options(args, fine_tune=True).learning_rate == FINE_TUNE_LEARNING_RATE < SCRATCH_LEARNING_RATE
+    assert training_options(args, fine_tune=False).learning_rate == SCRATCH_LEARNING_RATE
+    chosen = cli.build_parser().parse_args(["bids", "out", "group", "--learning_rate", "0.01"])
+    assert training_options(chosen, fine_tune=True).learning_rate == 0.01
