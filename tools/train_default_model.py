@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_pipeline", type=int, default=60,
                         help="phase 3: synthetic participants through the real preprocessing (0: no phase 3)")
     parser.add_argument("--pipeline_epochs", type=int, default=4, help="phase 3: epochs")
-    parser.add_argument("--n_calibration", type=int, default=40,
+    parser.add_argument("--n_calibration", type=int, default=80,
                         help="synthetic participants through the real preprocessing, for choosing the thresholds")
     parser.add_argument("--epochs", type=int, default=14, help="phase 1: epochs on patches")
     parser.add_argument("--whole_epochs", type=int, default=8, help="phase 2: epochs on whole volumes")
