@@ -127,7 +127,8 @@ def evaluate_real(model_path: Path, work: Path, implants: int, seed: int) -> lis
             t1w, flair, lesion = implant_fcd(pre.t1w, pre.flair, gm, wm, params, grid.spacing_mm)
             cases.append((f"implant {index + 1}", t1w, flair, lesion, 1))
         for what, t1w, flair, lesion, label in cases:
-            prediction = predict(model, config, np.stack([t1w, flair]), brain, device, n_passes=DEFAULT_N_PASSES, seed=seed)
+            prediction = predict(model, config, np.stack([t1w, flair]), brain, device, n_passes=DEFAULT_N_PASSES,
+                                 seed=seed)
             rows.append({"case": f"{folder}/{t1w_name.split('_T1w')[0]} {what}", "label": label,
                          "fcd_probability": prediction.fcd_probability,
                          "lesion_case": lesion_case(prediction.prob_template, lesion, config.voxel_threshold,
