@@ -8,7 +8,8 @@ spreading through the white matter, against FCD's thickened, blurred cortex with
 
 Three kinds, one call each (`implant_mimic`):
 - ``plaques``: MS-like ovoid white-matter lesions, periventricular, deep and juxtacortical; FLAIR-bright,
-  T1-dark, sharp-edged (Filippi et al. 2016, Lancet Neurol 15:292).
+  sharp-edged, from T1-isointense (most plaques) to T1-dark ("black holes", a minority) (Filippi et al. 2016,
+  Lancet Neurol 15:292).
 - ``infarct``: a chronic territorial infarct reaching the cortex: a core turned to CSF (dark on T1w and FLAIR,
   encephalomalacia) inside a rim of gliosis (FLAIR-bright, T1-dark).
 - ``tumour``: a glioma-like mass: FLAIR-bright oedema spreading through the white matter around a T1-dark
@@ -27,6 +28,7 @@ from scipy import ndimage
 MIMIC_KINDS = ("plaques", "infarct", "tumour")
 PLAQUE_RADIUS_MM = (1.5, 5.0)
 PLAQUES_PER_BRAIN = (3, 15)
+PLAQUE_T1_DROP = (0.0, 0.45)  # fraction of the white matter-CSF T1w range: isointense .. black hole
 INFARCT_RADIUS_MM = (8.0, 22.0)
 TUMOUR_OEDEMA_RADIUS_MM = (12.0, 30.0)
 OEDEMA_EDGE_MM = 2.0  # oedema fades out over about this distance (Gaussian sigma)
@@ -80,7 +82,8 @@ class _Levels:
 
 
 def _plaques(rng, gm, wm, spacing_mm, levels: _Levels, free):
-    """Several ovoid plaques, each sharp-edged, FLAIR-bright and T1-dark, anywhere in the white matter."""
+    """Several ovoid plaques, each sharp-edged and FLAIR-bright, T1-isointense to T1-dark, anywhere in the white
+    matter: a model that saw only T1-dark plaques learnt "FLAIR-bright white matter with normal T1w is FCD"."""
     white = (wm > 0.6) & free
     cortex_distance_mm = ndimage.distance_transform_edt(gm < 0.5) * spacing_mm
     ventricle_distance_mm = ndimage.distance_transform_edt(~_ventricles(gm, wm)) * spacing_mm
@@ -98,7 +101,7 @@ def _plaques(rng, gm, wm, spacing_mm, levels: _Levels, free):
         box, distance = _random_ellipsoid(rng, voxels, PLAQUE_RADIUS_MM, 0.5, gm.shape, spacing_mm)
         plaque = (distance <= 1.0) & (gm[box] + wm[box] > 0.5) & free[box]
         weight = ndimage.gaussian_filter(plaque.astype(np.float32), 0.5)  # sharp edge: half a voxel
-        t1_change[box] -= weight * rng.uniform(0.15, 0.45) * levels.t1_range
+        t1_change[box] -= weight * rng.uniform(*PLAQUE_T1_DROP) * levels.t1_range
         flair_change[box] += weight * rng.uniform(0.4, 1.2) * levels.flair_unit
         mask[box] |= plaque
     return t1_change, flair_change, mask

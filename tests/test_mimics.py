@@ -51,6 +51,19 @@ def test_plaques_are_small_flair_bright_t1_dark_white_matter_lesions(brain, seed
     assert (flair - brain["flair"])[inside].mean() > 0 > (t1w - brain["t1w"])[inside].mean()
 
 
+def test_plaques_range_from_t1_isointense_to_t1_dark(brain):
+    # Most MS plaques are T1-isointense; a model that saw only dark ones called bright white matter with a normal
+    # T1w FCD. Each plaque's mean T1w drop, as a fraction of the white matter-CSF range (400 * 0.8 here):
+    drops = []
+    for seed in range(4):
+        t1w, _, mask = _implant(brain, "plaques", seed)
+        labels, n = ndimage.label(mask > 0)
+        drops += [float((brain["t1w"] - t1w)[labels == i].mean()) / 320.0 for i in range(1, n + 1)]
+    assert len(drops) >= 10
+    assert min(drops) < 0.04 and max(drops) > 0.15
+    assert min(drops) > -0.02  # never T1-bright
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_an_infarct_reaches_the_cortex_with_a_dark_cavity_inside_a_bright_rim(brain, seed):
     t1w, flair, mask = _implant(brain, "infarct", seed)

@@ -23,7 +23,11 @@ AUROC 0.50), the same weights applied tile by tile ~400; after one whole-volume 
 the held-out whole-volume AUROC was 1.0. (3) A short fine-tune on synthetic participants pushed through the
 participant level's real preprocessing (`--n_pipeline`; 0 skips it), whose brain-mask edges and interpolation
 template-grid volumes never show: on pipeline-preprocessed controls the phase-2 model's confident false
-candidates sat at the brain's outer edge.
+candidates sat at the brain's outer edge. (4) A second short fine-tune for what the unseen real brains showed
+the synthetic data lacked: real FLAIR sits lower after normalisation (its bright tail sets the 99th percentile;
+measured on the two real training brains), so synthetic FLAIR is rescaled to real levels; and MS plaques are
+mostly T1-isointense, which the mimics now include. `--finetune_from` loads a model made by phases 1-3 and runs
+phase 4 only (phase 4 draws its own random numbers, so it is the same either way).
 Thresholds are chosen on a calibration cohort that no training step saw: `bids_fcd synth` participants written
 as raw native-space scans and pushed through the participant level's own preprocessing (N4, brain extraction,
 registration, resampling), so that they are set on what the model sees in use. Template-grid validation volumes
@@ -37,6 +41,7 @@ again for the model already in `--out`, without retraining.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import platform
@@ -71,6 +76,11 @@ TRAINING_BRAINS = [("glioma-brainlesion", "sub-bratsgli00001"), ("glioma-brainle
 PATCH = 48
 PIPELINE_SEED = 5000  # + --seed: phase 3's participants
 CALIBRATION_SEED = 4000  # + --seed; not the seeds of the model card's test cohort (2026) or the demo (7)
+REALISM_STREAM = 4  # phase 4 draws from default_rng([--seed, REALISM_STREAM]): the same with or without phases 1-3
+# In-brain FLAIR median after normalisation: the synthetic generator's sits at 0.74-0.85, the two real training
+# brains' at 0.48 and 0.68 (real FLAIR has a bright tail that sets the 99th percentile). Phase 4 rescales each
+# synthetic FLAIR to a median drawn in this range.
+FLAIR_MEDIAN_RANGE = (0.45, 0.85)
 MIMIC_CLEARANCE_MM = 10.0  # a mimic stays this far from an FCD lesion, so no voxel is both
 
 
@@ -149,6 +159,28 @@ def add_distractors(volume: Volume, rng: np.random.Generator, wm: np.ndarray, sp
         wm_level = np.median(volume.image[:, wm > 0.9], axis=1)
         volume.image[0] -= blob * wm_level[0] * rng.uniform(0.1, 0.35)
         volume.image[1] += blob * wm_level[1] * rng.uniform(0.4, 1.0)
+
+
+def with_flair_level(volume: Volume, rng: np.random.Generator) -> Volume:
+    """A copy whose FLAIR is scaled so that its in-brain median is drawn in FLAIR_MEDIAN_RANGE; lesion contrast,
+    a fraction of the tissue's own intensity, scales with it."""
+    median = float(np.median(volume.image[1][volume.brain]))
+    scale = rng.uniform(*FLAIR_MEDIAN_RANGE) / max(median, 1e-3)
+    image = np.stack([volume.image[0], np.clip(volume.image[1] * scale, -0.5, 3.0).astype(np.float32)])
+    return Volume(image, volume.brain, volume.lesion, volume.label, volume.origin)
+
+
+def realism_volumes(args: argparse.Namespace, grid, pipeline: list[Volume]) -> list[Volume]:
+    """Phase 4's training set: the preprocessed pipeline participants and fresh synthetic volumes (half with FCD,
+    half of them with a non-FCD mimic) with real-like FLAIR levels, and one fresh draw of the real brains with
+    implants and mimics."""
+    rng = np.random.default_rng([args.seed, REALISM_STREAM])
+    gm, wm, _ = template_tissue_maps(grid)
+    synthetic = [synthetic_volume(rng, grid, with_lesion=i % 2 == 0) for i in range(args.n_realism)]
+    synthetic = [with_mimic(v, rng, gm, wm, grid.spacing_mm, MIMIC_KINDS[i // 2 % len(MIMIC_KINDS)]) if i % 4 < 2
+                 else v for i, v in enumerate(synthetic)]
+    real = real_volumes(grid, args.work_dir / "cache", rng, args.implants_per_brain, mimic_rng=rng)
+    return [with_flair_level(v, rng) for v in pipeline + synthetic] + real
 
 
 def patch_origins(volume: Volume, rng: np.random.Generator, n_random: int, n_lesion: int = 2) -> list[np.ndarray]:
@@ -285,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline_epochs", type=int, default=4, help="phase 3: epochs")
     parser.add_argument("--n_calibration", type=int, default=80,
                         help="synthetic participants through the real preprocessing, for choosing the thresholds")
+    parser.add_argument("--n_realism", type=int, default=80,
+                        help="phase 4: fresh synthetic volumes (with the pipeline participants, real-like FLAIR levels)")
+    parser.add_argument("--realism_epochs", type=int, default=8, help="phase 4: epochs (0: no phase 4)")
+    parser.add_argument("--finetune_from", type=Path,
+                        help="a model trained by phases 1-3 of this command: load it instead of training them again")
     parser.add_argument("--epochs", type=int, default=14, help="phase 1: epochs on patches")
     parser.add_argument("--whole_epochs", type=int, default=8, help="phase 2: epochs on whole volumes")
     parser.add_argument("--n_threads", type=int, default=2)
@@ -312,9 +349,6 @@ def main(argv: list[str] | None = None) -> int:
     log.info("volumes ready after %.0f s: %d synthetic, %d real-anatomy, %d validation", time.time() - started,
              len(train_volumes), len(real), len(validation_volumes))
 
-    train_samples = to_patch_samples(train_volumes + real * 2, rng, n_random=2, prefix="train",
-                                     spacing_mm=grid.spacing_mm)
-    val_samples = to_patch_samples(validation_volumes, rng, n_random=1, prefix="val", spacing_mm=grid.spacing_mm)
     # Batched augmentation (flips, affine, gamma, noise, bias) also runs on the CPU and costs far less than
     # TorchIO's per-sample transforms, which would dominate a CPU training step.
     options = TrainOptions(epochs=args.epochs, batch_size=4, learning_rate=2e-3, warmup_epochs=1,
@@ -322,9 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(config)
     torch.manual_seed(args.seed)
     cpu = DistContext(device=torch.device("cpu"))
-    patches = fit(model, config, train_samples, val_samples, options, args.work_dir / "fit", fold_id=0, dist=cpu)
-    model.load_state_dict(torch.load(patches.best_path, weights_only=True)["state_dict"])
-    del train_samples, val_samples
+    base = None  # with --finetune_from: the training record of the model phases 1-3 made
+    if args.finetune_from:
+        base_model, base_config = load_checkpoint(args.finetune_from)
+        model.load_state_dict(base_model.state_dict())
+        base = base_config.training
+    else:
+        train_samples = to_patch_samples(train_volumes + real * 2, rng, n_random=2, prefix="train",
+                                         spacing_mm=grid.spacing_mm)
+        val_samples = to_patch_samples(validation_volumes, rng, n_random=1, prefix="val",
+                                       spacing_mm=grid.spacing_mm)
+        patches = fit(model, config, train_samples, val_samples, options, args.work_dir / "fit", fold_id=0, dist=cpu)
+        model.load_state_dict(torch.load(patches.best_path, weights_only=True)["state_dict"])
+        del train_samples, val_samples
 
     whole_options = TrainOptions(epochs=args.whole_epochs, batch_size=2, learning_rate=5e-4, warmup_epochs=1,
                                  patience=args.whole_epochs, augmentation="gpu", seed=args.seed)
@@ -338,22 +382,34 @@ def main(argv: list[str] | None = None) -> int:
     validation_volumes += mimic_volumes(mimic_rng, grid, args.n_validation // 2)
     log.info("phase 2: %d whole training volumes, %d validation", len(train_volumes) + len(real) + len(train_mimics),
              len(validation_volumes))
-    whole = fit(model, config, whole_volume_samples(train_volumes + real + train_mimics, "train"),
-                whole_volume_samples(validation_volumes, "val"), whole_options, args.work_dir / "fit_whole",
-                fold_id=0, dist=cpu)
-    model.load_state_dict(torch.load(whole.best_path, weights_only=True)["state_dict"])
+    if base is None:
+        whole = fit(model, config, whole_volume_samples(train_volumes + real + train_mimics, "train"),
+                    whole_volume_samples(validation_volumes, "val"), whole_options, args.work_dir / "fit_whole",
+                    fold_id=0, dist=cpu)
+        model.load_state_dict(torch.load(whole.best_path, weights_only=True)["state_dict"])
     # Phase 3: what preprocessing does to a scan (brain-mask edges, interpolation, residual bias, registration
     # error), which template-grid volumes never show; with a quarter of phase 2's volumes, so that the mimics and
     # the real anatomy are not forgotten. A fixed short schedule at a low rate: the template-grid validation set
     # cannot judge this phase, and the calibration cohort must stay unseen until the thresholds.
     pipeline = (pipeline_volumes(args.work_dir, "pipeline", grid, args.n_pipeline, PIPELINE_SEED + args.seed)
                 if args.n_pipeline else [])
-    if pipeline:
+    if pipeline and base is None:
         pipeline_options = TrainOptions(epochs=args.pipeline_epochs, batch_size=2, learning_rate=2e-4,
                                         warmup_epochs=1, patience=args.pipeline_epochs, augmentation="gpu",
                                         seed=args.seed)
         tuned = fit(model, config, whole_volume_samples(pipeline + (train_volumes + real + train_mimics)[::4], "train"),
                     [], pipeline_options, args.work_dir / "fit_pipeline", fold_id=0, dist=cpu)
+    # Phase 4: real-like FLAIR levels and the current mimics (T1-isointense plaques among them), on the pipeline
+    # participants, fresh synthetic volumes and the real brains; fixed short schedule as in phase 3.
+    # A resumed fit must start from the same weights: with --finetune_from, its folder names the loaded model.
+    realism_dir = args.work_dir / ("fit_realism" if base is None else
+                                   f"fit_realism_from_{hashlib.sha256(args.finetune_from.read_bytes()).hexdigest()[:12]}")
+    if args.realism_epochs:
+        realism_options = TrainOptions(epochs=args.realism_epochs, batch_size=2, learning_rate=2e-4,
+                                       warmup_epochs=1, patience=args.realism_epochs, augmentation="gpu",
+                                       seed=args.seed)
+        realism = fit(model, config, whole_volume_samples(realism_volumes(args, grid, pipeline), "train"), [],
+                      realism_options, realism_dir, fold_id=0, dist=cpu)
     model.eval()
 
     thresholds = {"validation_auroc": validation_auroc(model, config, validation_volumes),
@@ -366,30 +422,42 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.whole_real_rounds} in phase 2); in phase 2 also non-FCD mimics (MS-like plaques, chronic "
                 f"infarcts, gliomas with oedema: {args.n_mimic} synthetic volumes and the real brains, in controls "
                 "and beside FCD lesions, labelled not-FCD); no patient data",
-        "phase_1": f"{PATCH}^3 patches, {args.epochs} epochs (best {patches.best_epoch})",
-        "phase_2": f"whole volumes, {args.whole_epochs} epochs (best {whole.best_epoch})",
-        "phase_3": (f"{args.n_pipeline} synthetic participants through the real preprocessing (bids_fcd synth seed "
-                    f"{PIPELINE_SEED + args.seed}) + a quarter of phase 2's volumes, {args.pipeline_epochs} epochs"
-                    if pipeline else "none"),
+        **({key: base[key] for key in ("phase_1", "phase_2", "phase_3")} if base else {
+            "phase_1": f"{PATCH}^3 patches, {args.epochs} epochs (best {patches.best_epoch})",
+            "phase_2": f"whole volumes, {args.whole_epochs} epochs (best {whole.best_epoch})",
+            "phase_3": (f"{args.n_pipeline} synthetic participants through the real preprocessing (bids_fcd synth "
+                        f"seed {PIPELINE_SEED + args.seed}) + a quarter of phase 2's volumes, {args.pipeline_epochs} "
+                        "epochs" if pipeline else "none")}),
+        "phase_4": (f"the {len(pipeline)} phase-3 participants and {args.n_realism} fresh synthetic volumes (half with "
+                    "FCD, half of each with a non-FCD mimic), FLAIR rescaled to an in-brain median drawn in "
+                    f"{FLAIR_MEDIAN_RANGE[0]}-{FLAIR_MEDIAN_RANGE[1]} (real FLAIR's level), and one fresh draw of "
+                    f"the real brains with implants and mimics, {args.realism_epochs} epochs"
+                    if args.realism_epochs else "none"),
+        **({"phases_1_3_from": f"{args.finetune_from} (model {base.get('command', '?')})"} if base else {}),
         "seed": args.seed,
         "command": "python tools/train_default_model.py --out bids_fcd/weights --seed "
                    f"{args.seed} --n_synthetic {args.n_synthetic} --n_validation {args.n_validation} "
                    f"--implants_per_brain {args.implants_per_brain} --whole_real_rounds {args.whole_real_rounds} "
                    f"--n_mimic {args.n_mimic} --n_pipeline {args.n_pipeline} --pipeline_epochs {args.pipeline_epochs} "
+                   f"--n_realism {args.n_realism} --realism_epochs {args.realism_epochs} "
                    f"--n_calibration {args.n_calibration} "
                    f"--epochs {args.epochs} "
                    f"--whole_epochs {args.whole_epochs}",
         "voxel_loss_weight": options.voxel_loss_weight,
         "threshold_rule": threshold_rule(args.n_calibration, args.seed),
-        "epoch_seconds": round(sum(row["seconds"] for row in patches.history + whole.history
-                                   + (tuned.history if pipeline else []))),  # all phases
+        "epoch_seconds": (base["epoch_seconds"] if base else  # all phases
+                          round(sum(row["seconds"] for row in patches.history + whole.history
+                                    + (tuned.history if pipeline else []))))
+                         + (round(sum(row["seconds"] for row in realism.history)) if args.realism_epochs else 0),
         "seconds": round(time.time() - started),  # this invocation (less when it resumed finished phases)
     }
     save(model, config, thresholds, training, args.out)
-    shutil.copy(args.work_dir / "fit" / "log.tsv", args.out / "training_log_patches.tsv")
-    shutil.copy(args.work_dir / "fit_whole" / "log.tsv", args.out / "training_log.tsv")
-    if pipeline:
-        shutil.copy(args.work_dir / "fit_pipeline" / "log.tsv", args.out / "training_log_pipeline.tsv")
+    logs = {"training_log_patches.tsv": args.work_dir / "fit", "training_log.tsv": args.work_dir / "fit_whole",
+            "training_log_pipeline.tsv": args.work_dir / "fit_pipeline", "training_log_realism.tsv": realism_dir}
+    for name, folder in logs.items():
+        source = args.finetune_from.parent / name if base and folder != realism_dir else folder / "log.tsv"
+        if source.is_file() and source.resolve() != (args.out / name).resolve():
+            shutil.copy(source, args.out / name)
     return 0
 
 

@@ -1,0 +1,37 @@
+"""The shipped model's training tool (tools/train_default_model.py): the steps that shape its data."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "train_default_model.py"
+_spec = importlib.util.spec_from_file_location("train_default_model", TOOL)
+tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tool)
+
+
+def test_flair_level_moves_the_brain_median_into_the_real_range_and_keeps_lesion_contrast():
+    rng = np.random.default_rng(0)
+    brain = np.zeros((20, 20, 20), bool)
+    brain[3:17, 3:17, 3:17] = True
+    lesion = np.zeros(brain.shape, np.uint8)
+    lesion[8:11, 8:11, 8:11] = 1
+    t1w = np.where(brain, 0.7, 0.0).astype(np.float32)
+    flair = np.where(brain, 0.8 + 0.02 * rng.standard_normal(brain.shape), 0.0).astype(np.float32)
+    flair[lesion > 0] *= 1.3
+    volume = tool.Volume(np.stack([t1w, flair]), brain, lesion, 1, "synthetic")
+    medians = []
+    for seed in range(20):
+        scaled = tool.with_flair_level(volume, np.random.default_rng(seed))
+        medians.append(float(np.median(scaled.image[1][brain])))
+        assert np.array_equal(scaled.image[0], t1w) and scaled.label == 1 and scaled.lesion is lesion
+        ratio = scaled.image[1][lesion > 0].mean() / np.median(scaled.image[1][brain & (lesion == 0)])
+        assert abs(ratio - 1.3) < 0.02
+        assert not scaled.image[1][~brain].any()
+    low, high = tool.FLAIR_MEDIAN_RANGE
+    assert low - 1e-6 <= min(medians) and max(medians) <= high + 1e-6
+    assert max(medians) - min(medians) > 0.5 * (high - low)  # spread over the range, not one level
+    assert np.median(volume.image[1][brain]) > 0.79  # the input is untouched
