@@ -40,7 +40,7 @@ from bids_fcd.inputs import discover
 from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
 from bids_fcd.models import load_checkpoint
 from bids_fcd.preprocess import mask_to_template
-from bids_fcd.synth import make_cohort, neocortical_territory
+from bids_fcd.synth import make_cohort, neocortical_territory, template_tissue_maps
 from bids_fcd.template import model_grid
 
 log = logging.getLogger("evaluate_default_model")
@@ -111,6 +111,7 @@ def evaluate_real(model_path: Path, work: Path, implants: int, seed: int) -> lis
     grid = model_grid(config.grid_spacing_mm, config.grid_shape)
     min_voxels = config.min_cluster_voxels
     territory = neocortical_territory(grid)
+    template_gm, template_wm, _ = template_tissue_maps(grid)
     rng = np.random.default_rng(seed)
     device = torch.device("cpu")
     rows = []
@@ -118,7 +119,7 @@ def evaluate_real(model_path: Path, work: Path, implants: int, seed: int) -> lis
         pre = load_or_preprocess(work / "real_cache", REAL / folder / t1w_name, REAL / folder / flair_name, grid,
                                  n_threads=2)
         brain = pre.brain_mask.astype(bool)
-        gm, wm = tissue_probabilities(pre.t1w, brain, seed=0)
+        gm, wm = tissue_probabilities(pre.t1w, brain, template_gm, template_wm, grid.spacing_mm)
         own_lesion = bright_lesion_region(pre.flair, brain, grid.spacing_mm)
         cases = [("as is", pre.t1w, pre.flair, np.zeros(grid.shape, np.uint8), 0)]
         for index in range(implants):

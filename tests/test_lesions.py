@@ -175,16 +175,43 @@ def test_transmantle_tail_runs_from_the_cortex_to_the_ventricle(phantom):
     assert (_implant(phantom, without_tail)[2].astype(bool) & near_ventricle).sum() < tail_end.sum()
 
 
+def _layered_brain(rng: np.random.Generator):
+    """Concentric layers CSF / GM / WM (outside in) with T1w-like intensities and the true class maps."""
+    shape = (40, 44, 36)
+    radius = np.sqrt(sum(((np.indices(shape)[a] - (shape[a] - 1) / 2) / (shape[a] / 2)) ** 2 for a in range(3)))
+    brain = radius < 0.95
+    classes = np.where(radius < 0.55, 2, np.where(radius < 0.8, 1, 0))  # 2 WM, 1 GM, 0 CSF
+    t1w = np.choose(classes, [0.1, 0.5, 0.9]) + rng.normal(0, 0.04, shape)
+    return t1w.astype(np.float32), brain, classes
+
+
 def test_tissue_probabilities_follow_t1w_intensity_classes():
     from bids_fcd.lesions import tissue_probabilities
 
-    rng = np.random.default_rng(0)
-    classes = rng.integers(0, 3, size=(20, 24, 18))  # 0 CSF, 1 GM, 2 WM
-    t1w = np.choose(classes, [0.1, 0.5, 0.9]) + rng.normal(0, 0.03, classes.shape)
-    brain = np.ones(classes.shape, dtype=bool)
-    gm, wm = tissue_probabilities(t1w.astype(np.float32), brain, seed=0)
-    assert gm[classes == 1].mean() > 0.9 and wm[classes == 2].mean() > 0.9
-    assert gm[classes == 2].mean() < 0.1 and wm[classes == 0].mean() < 0.1
+    t1w, brain, classes = _layered_brain(np.random.default_rng(0))
+    gm, wm = tissue_probabilities(t1w, brain, (classes == 1).astype(np.float32), (classes == 2).astype(np.float32),
+                                  spacing_mm=1.5)
+    inside = brain
+    assert gm[inside & (classes == 1)].mean() > 0.9 and wm[inside & (classes == 2)].mean() > 0.9
+    assert gm[inside & (classes == 2)].mean() < 0.1 and wm[inside & (classes == 0)].mean() < 0.1
+
+
+def test_tissue_probabilities_hold_with_a_large_abnormal_region():
+    # A contrast-enhanced mass brighter than white matter over a sixth of the brain: a mixture fitted to intensities
+    # alone spends its brightest class on it and calls the white matter grey (recall 0.006); the template prior keeps the
+    # classes where they are (here the template is shifted by 2 voxels, as an affine registration may leave it).
+    from bids_fcd.lesions import tissue_probabilities
+
+    t1w, brain, classes = _layered_brain(np.random.default_rng(1))
+    mass = brain & (np.indices(t1w.shape)[0] < 25) & (classes == 2)
+    t1w[mass] = 1.4 + np.random.default_rng(2).normal(0, 0.1, int(mass.sum()))
+    shifted = np.roll(classes, 2, axis=1)
+    gm, wm = tissue_probabilities(t1w, brain, (shifted == 1).astype(np.float32), (shifted == 2).astype(np.float32),
+                                  spacing_mm=1.5)
+    true_gm = brain & (classes == 1)
+    assert (gm[true_gm] > 0.5).mean() > 0.9
+    assert (wm[brain & (classes == 2) & ~mass] > 0.5).mean() > 0.9
+    assert abs((gm[brain] > 0.5).mean() - true_gm.sum() / brain.sum()) < 0.05
 
 
 def test_bright_lesion_region_covers_a_flair_bright_lesion_with_a_margin():

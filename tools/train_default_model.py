@@ -105,11 +105,12 @@ def real_volumes(grid, cache_dir: Path, rng: np.random.Generator, implants_per_b
     """
     volumes = []
     territory = neocortical_territory(grid)
+    template_gm, template_wm, _ = template_tissue_maps(grid)
     for folder, subject in TRAINING_BRAINS:
         t1w_path, flair_path = REAL / folder / f"{subject}_T1w.nii.gz", REAL / folder / f"{subject}_FLAIR.nii.gz"
         pre = load_or_preprocess(cache_dir, t1w_path, flair_path, grid, n_threads=2)
         brain = pre.brain_mask.astype(bool)
-        gm, wm = tissue_probabilities(pre.t1w, brain, seed=0)
+        gm, wm = tissue_probabilities(pre.t1w, brain, template_gm, template_wm, grid.spacing_mm)
         exclude = bright_lesion_region(pre.flair, brain, grid.spacing_mm)
         as_is = Volume(np.stack([pre.t1w, pre.flair]), brain, np.zeros(grid.shape, np.uint8), 0, subject)
         volumes.append(as_is)
