@@ -245,8 +245,8 @@ Real brains with non-FCD lesions, as they are (each should be called control):
 
 - Most training, and its validation (subject AUROC {training.get("validation_auroc", float("nan")):.2f}), used
   volumes drawn directly on the template grid; only phase 3 ({training.get("phase_3", "none")}) and phase 4,
-  which reuses its participants, saw scans pushed through the real preprocessing (native-space images, N4, brain extraction, registration,
-  resampling). The thresholds were set on {training.get("n_calibration", "?")} other synthetic participants
+  which reuses its participants, saw scans pushed through the real preprocessing (native-space images, N4, brain
+  extraction, registration, resampling). The thresholds were set on {training.get("n_calibration", "?")} other synthetic participants
   treated that way (subject AUROC {training.get("calibration_auroc", float("nan")):.2f} there). The difference is
   what preprocessing still costs the model: more training on pipeline-preprocessed volumes is its next step.
 - Real anatomy from scanners it never saw is where it fails most: see the real-brain row and table above. One

@@ -229,16 +229,16 @@ def tissue_probabilities(t1w: np.ndarray, brain: np.ndarray, template_gm: np.nda
     priors = [np.maximum(ndimage.gaussian_filter(m.astype(np.float32), sigma_vox), 0.05)
               for m in (csf, template_gm, template_wm)]
     total = sum(priors)
-    log_posterior = np.full((3, int(brain.sum())), -np.inf, dtype=np.float64)
+    log_posterior = np.empty((3, int(brain.sum())), dtype=np.float64)
     values = t1w[brain].astype(np.float64)
     for k, prior in enumerate(priors):
-        pure = brain & (prior / total > 0.7)
+        share = prior / total
+        pure = brain & (share > 0.7)
         if pure.sum() < 50:
-            pure = brain & (prior / total >= np.percentile((prior / total)[brain], 90))
+            pure = brain & (share >= np.percentile(share[brain], 90))
         centre = float(np.median(t1w[pure]))
         spread = max(1.4826 * float(np.median(np.abs(t1w[pure] - centre))), 1e-3 * max(float(np.ptp(values)), 1e-6))
-        log_posterior[k] = (-0.5 * ((values - centre) / spread) ** 2 - np.log(spread)
-                            + np.log(prior[brain] / total[brain]))
+        log_posterior[k] = -0.5 * ((values - centre) / spread) ** 2 - np.log(spread) + np.log(share[brain])
     log_posterior -= log_posterior.max(axis=0)
     posterior = np.exp(log_posterior)
     posterior /= posterior.sum(axis=0)

@@ -267,6 +267,11 @@ def validation_auroc(model, config: ModelConfig, volumes: list[Volume]) -> float
     return float(roc_auc_score([v.label for v, _ in results], [p.fcd_probability for _, p in results]))
 
 
+def epoch_seconds(*fits) -> int:
+    """Seconds of training epochs in these `fit` results."""
+    return round(sum(row["seconds"] for result in fits for row in result.history))
+
+
 def threshold_rule(n_calibration: int, seed: int) -> str:
     """How the shipped thresholds were chosen, for the model card."""
     return (f"subject threshold: {THRESHOLD_RULE}; voxel threshold: {VOXEL_THRESHOLD_RULE}; both on {n_calibration} "
@@ -446,10 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"--whole_epochs {args.whole_epochs}",
         "voxel_loss_weight": options.voxel_loss_weight,
         "threshold_rule": threshold_rule(args.n_calibration, args.seed),
-        "epoch_seconds": (base["epoch_seconds"] if base else  # all phases
-                          round(sum(row["seconds"] for row in patches.history + whole.history
-                                    + (tuned.history if pipeline else []))))
-                         + (round(sum(row["seconds"] for row in realism.history)) if args.realism_epochs else 0),
+        "epoch_seconds": ((base["epoch_seconds"] if base else epoch_seconds(patches, whole, *([tuned] if pipeline else [])))
+                          + (epoch_seconds(realism) if args.realism_epochs else 0)),  # all phases
         "seconds": round(time.time() - started),  # this invocation (less when it resumed finished phases)
     }
     save(model, config, thresholds, training, args.out)
