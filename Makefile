@@ -25,7 +25,7 @@ demo: install
 	@echo "Reports: $$(ls $(DEMO_OUT)/*.html)"
 
 test: install
-	$(VENV)/bin/ruff check bids_fcd tests benchmarks run.py
+	$(VENV)/bin/ruff check bids_fcd tests benchmarks tools run.py
 	$(PY) -m pytest -q
 
 clean:
