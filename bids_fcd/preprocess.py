@@ -32,6 +32,7 @@ from scipy import ndimage
 from bids_fcd.template import Grid, load_template
 
 ROBUST_PERCENTILES = (1.0, 99.0)
+NORMALISED_RANGE = (-0.5, 3.0)  # normalised intensities are clipped to this, bounding outliers
 VOXEL_SIZE_LIMITS_MM = (0.1, 10.0)
 MIN_VOXELS_PER_AXIS = 8
 BRAIN_VOLUME_LIMITS_ML = (800.0, 2200.0)
@@ -87,12 +88,12 @@ def normalise_intensity(volume: np.ndarray, brain_mask: np.ndarray) -> np.ndarra
 
     The 1st and 99th percentiles of the brain's intensities map to 0 and 1, so scanners' arbitrary units and
     a few hot voxels do not move the scale, while FLAIR-bright lesions stay above 1. Outside the brain is 0;
-    values are clipped to [-0.5, 3] to bound outliers. Returns float32 of the input's shape.
+    values are clipped to NORMALISED_RANGE. Returns float32 of the input's shape.
     """
     inside = brain_mask > 0
     low, high = np.percentile(volume[inside], ROBUST_PERCENTILES) if inside.any() else (0.0, 1.0)
     scaled = (volume - low) / max(high - low, 1e-6)
-    scaled = np.clip(scaled, -0.5, 3.0)
+    scaled = np.clip(scaled, *NORMALISED_RANGE)
     scaled[~inside] = 0.0
     return scaled.astype(np.float32)
 

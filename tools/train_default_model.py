@@ -66,7 +66,7 @@ from bids_fcd.inputs import Participant, discover
 from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
 from bids_fcd.mimics import MIMIC_KINDS, implant_mimic
 from bids_fcd.models import build_model, load_checkpoint, save_checkpoint
-from bids_fcd.preprocess import mask_to_template, normalise_intensity
+from bids_fcd.preprocess import NORMALISED_RANGE, mask_to_template, normalise_intensity
 from bids_fcd.synth import make_cohort, neocortical_territory, synth_template_sample, template_tissue_maps
 from bids_fcd.template import model_grid
 
@@ -167,7 +167,7 @@ def with_flair_level(volume: Volume, rng: np.random.Generator) -> Volume:
     a fraction of the tissue's own intensity, scales with it."""
     median = float(np.median(volume.image[1][volume.brain]))
     scale = rng.uniform(*FLAIR_MEDIAN_RANGE) / max(median, 1e-3)
-    image = np.stack([volume.image[0], np.clip(volume.image[1] * scale, -0.5, 3.0).astype(np.float32)])
+    image = np.stack([volume.image[0], np.clip(volume.image[1] * scale, *NORMALISED_RANGE).astype(np.float32)])
     return Volume(image, volume.brain, volume.lesion, volume.label, volume.origin)
 
 
