@@ -218,13 +218,25 @@ def make_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.AdamW
 
 
 def run_signature(config: ModelConfig, options: TrainOptions, train_ids: list[str], val_ids: list[str],
-                  epochs: int) -> str:
-    """Hash of everything a resumed run must share with the interrupted one."""
+                  epochs: int, start_digest: str | None = None) -> str:
+    """Hash of everything a resumed run must share with the interrupted one (`start_digest`: the weights a
+    fine-tune started from; a run from scratch has none)."""
     blob = json.dumps({"config": {k: v for k, v in json.loads(config.to_json()).items()
                                   if k not in ("training", "versions")},
-                       "options": options.signature(), "epochs": epochs, "train": train_ids, "val": val_ids},
+                       "options": options.signature(), "epochs": epochs, "train": train_ids, "val": val_ids,
+                       **({"start": start_digest} if start_digest else {})},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def state_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """Hash of a model's weights: what a fine-tune started from, so that a resume never continues a run that
+    started from other weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -433,8 +445,11 @@ def end_of_epoch(out_dir: Path, state: dict) -> None:
 
 def fit(model: nn.Module, config: ModelConfig, train_samples: list[Sample], val_samples: list[Sample],
         options: TrainOptions, out_dir: Path, fold_id: int, dist: DistContext,
-        epochs: int | None = None) -> FitResult:
+        epochs: int | None = None, start_digest: str | None = None) -> FitResult:
     """Train `model` (in place) on one fold, resuming from `out_dir/checkpoint_latest.pt` when it matches.
+
+    A fine-tune passes `start_digest` (`state_digest` of the weights it loaded): a resume then needs the same
+    starting weights too. A run from scratch passes none and resumes whatever its fresh initialisation.
 
     With validation samples: early stopping on the validation loss (`options.patience` epochs without a new
     minimum), `checkpoint_best.pt` at the minimum. Without (the final refit): exactly `epochs` epochs.
@@ -446,7 +461,7 @@ def fit(model: nn.Module, config: ModelConfig, train_samples: list[Sample], val_
     out_dir.mkdir(parents=True, exist_ok=True)
     runner = EpochRunner(model, train_samples, options, dist, config.grid_spacing_mm, fold_id, epochs)
     signature = run_signature(config, options, [s.unit.name for s in train_samples],
-                              [s.unit.name for s in val_samples], epochs)
+                              [s.unit.name for s in val_samples], epochs, start_digest)
     history: list[dict] = []
     best_loss, best_epoch, bad_epochs, start = math.inf, 0, 0, 1
     finished = False

@@ -34,7 +34,15 @@ from bids_fcd import __version__, cli
 from bids_fcd.config import ModelConfig
 from bids_fcd.data import Sample, SplitPlan, plan_splits, prepare_samples, sample_seed
 from bids_fcd.derivatives import atomic_path, write_json
-from bids_fcd.engine import DistContext, FitResult, TrainOptions, fit, pretrain_encoder, set_determinism
+from bids_fcd.engine import (
+    DistContext,
+    FitResult,
+    TrainOptions,
+    fit,
+    pretrain_encoder,
+    set_determinism,
+    state_digest,
+)
 from bids_fcd.inputs import LabelSpec, Participant
 
 log = logging.getLogger("bids_fcd.train")
@@ -137,7 +145,8 @@ def train_one(config: ModelConfig, state: dict | None, train: list[Sample], val:
     if options.pretrain_epochs:
         pretrain_encoder(model, train, options, dist, config.grid_spacing_mm, fold_id,
                          out_dir / "pretrained_encoder.pt")
-    return model, fit(model, config, train, val, options, out_dir, fold_id, dist, epochs=epochs)
+    return model, fit(model, config, train, val, options, out_dir, fold_id, dist, epochs=epochs,
+                      start_digest=state_digest(state) if state is not None else None)
 
 
 @dataclass

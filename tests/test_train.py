@@ -144,6 +144,47 @@ def test_a_finished_fold_is_not_trained_again(tmp_path, monkeypatch):
     assert len(result.history) == 1
 
 
+def test_a_fine_tune_from_other_weights_starts_over(tmp_path, monkeypatch):
+    samples = tiny_samples(4)
+    options = replace(OPTIONS, epochs=2, augmentation="off")
+    start = tiny_model(seed=1).state_dict()
+    save = engine.end_of_epoch
+
+    def interrupt_after_epoch_1(out_dir: Path, state: dict) -> None:
+        save(out_dir, state)
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(engine, "end_of_epoch", interrupt_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit(tiny_model(seed=1), TINY_CONFIG, samples[:2], samples[2:], options, tmp_path, 0,
+                   engine.DistContext(), start_digest=engine.state_digest(start))
+    monkeypatch.setattr(engine, "end_of_epoch", save)
+    trained_epochs = []
+    train_epoch = engine.EpochRunner.train_epoch
+    monkeypatch.setattr(engine.EpochRunner, "train_epoch",
+                        lambda runner, epoch, *a: trained_epochs.append(epoch) or train_epoch(runner, epoch, *a))
+    other_digest = engine.state_digest(tiny_model(seed=2).state_dict())
+    assert other_digest != engine.state_digest(start)
+    engine.fit(tiny_model(seed=2), TINY_CONFIG, samples[:2], samples[2:], options, tmp_path, 0,
+               engine.DistContext(), start_digest=other_digest)
+    assert trained_epochs == [1, 2]  # started over: not resumed after epoch 1
+    trained_epochs.clear()
+    engine.fit(tiny_model(seed=2), TINY_CONFIG, samples[:2], samples[2:], options, tmp_path, 0,
+               engine.DistContext(), start_digest=other_digest)
+    assert trained_epochs == []  # the same start: the finished run is kept
+
+
+def test_group_training_tells_fit_the_weights_it_started_from(tmp_path, monkeypatch):
+    from bids_fcd import train
+
+    passed = []
+    monkeypatch.setattr(train, "fit", lambda *args, **kwargs: passed.append(kwargs["start_digest"]))
+    start = tiny_model(seed=1).state_dict()
+    for state in (start, None):
+        train.train_one(TINY_CONFIG, state, [], [], OPTIONS, tmp_path, 0, engine.DistContext())
+    assert passed == [engine.state_digest(start), None]
+
+
 def test_other_settings_start_over(tmp_path):
     samples = tiny_samples(4)
     options = replace(OPTIONS, epochs=1, augmentation="off")
