@@ -41,7 +41,6 @@ again for the model already in `--out`, without retraining.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import platform
@@ -59,7 +58,7 @@ from bids_fcd import __version__
 from bids_fcd.cache import load_or_preprocess
 from bids_fcd.config import DEFAULT_N_PASSES, ModelConfig
 from bids_fcd.data import Sample
-from bids_fcd.engine import DistContext, TrainOptions, fit
+from bids_fcd.engine import DistContext, TrainOptions, fit, state_digest
 from bids_fcd.evaluate import THRESHOLD_RULE, VOXEL_THRESHOLD_RULE, choose_voxel_threshold, youden_threshold
 from bids_fcd.infer import predict
 from bids_fcd.inputs import Participant, discover
@@ -407,15 +406,14 @@ def main(argv: list[str] | None = None) -> int:
                     [], pipeline_options, args.work_dir / "fit_pipeline", fold_id=0, dist=cpu)
     # Phase 4: real-like FLAIR levels and the current mimics (T1-isointense plaques among them), on the pipeline
     # participants, fresh synthetic volumes and the real brains; fixed short schedule as in phase 3.
-    # A resumed fit must start from the same weights: with --finetune_from, its folder names the loaded model.
-    realism_dir = args.work_dir / ("fit_realism" if base is None else
-                                   f"fit_realism_from_{hashlib.sha256(args.finetune_from.read_bytes()).hexdigest()[:12]}")
+    # A resume needs the same starting weights (another --finetune_from model, or phases 1-3 trained again).
+    realism_dir = args.work_dir / "fit_realism"
     if args.realism_epochs:
         realism_options = TrainOptions(epochs=args.realism_epochs, batch_size=2, learning_rate=2e-4,
                                        warmup_epochs=1, patience=args.realism_epochs, augmentation="gpu",
                                        seed=args.seed)
         realism = fit(model, config, whole_volume_samples(realism_volumes(args, grid, pipeline), "train"), [],
-                      realism_options, realism_dir, fold_id=0, dist=cpu)
+                      realism_options, realism_dir, fold_id=0, dist=cpu, start_digest=state_digest(model.state_dict()))
     model.eval()
 
     thresholds = {"validation_auroc": validation_auroc(model, config, validation_volumes),
