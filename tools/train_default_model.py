@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
 
     whole_options = TrainOptions(epochs=args.whole_epochs, batch_size=2, learning_rate=5e-4, warmup_epochs=1,
                                  patience=args.whole_epochs, augmentation="gpu", seed=args.seed)
+    # Phases 2-4 each fine-tune the previous phase's weights: a resume needs the same starting weights (with
+    # `start_digest`), so that an earlier phase trained again, or another --finetune_from model, starts them over.
     # Phase 2 sees the real anatomy more (more scanners' backgrounds than synthetic contrasts can give); its
     # extra draws use their own generators, so phase 1 is the same with or without them.
     for round_index in range(1, args.whole_real_rounds):
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     if base is None:
         whole = fit(model, config, whole_volume_samples(train_volumes + real + train_mimics, "train"),
                     whole_volume_samples(validation_volumes, "val"), whole_options, args.work_dir / "fit_whole",
-                    fold_id=0, dist=cpu)
+                    fold_id=0, dist=cpu, start_digest=state_digest(model.state_dict()))
         model.load_state_dict(torch.load(whole.best_path, weights_only=True)["state_dict"])
     # Phase 3: what preprocessing does to a scan (brain-mask edges, interpolation, residual bias, registration
     # error), which template-grid volumes never show; with a quarter of phase 2's volumes, so that the mimics and
@@ -403,10 +405,10 @@ def main(argv: list[str] | None = None) -> int:
                                         warmup_epochs=1, patience=args.pipeline_epochs, augmentation="gpu",
                                         seed=args.seed)
         tuned = fit(model, config, whole_volume_samples(pipeline + (train_volumes + real + train_mimics)[::4], "train"),
-                    [], pipeline_options, args.work_dir / "fit_pipeline", fold_id=0, dist=cpu)
+                    [], pipeline_options, args.work_dir / "fit_pipeline", fold_id=0, dist=cpu,
+                    start_digest=state_digest(model.state_dict()))
     # Phase 4: real-like FLAIR levels and the current mimics (T1-isointense plaques among them), on the pipeline
     # participants, fresh synthetic volumes and the real brains; fixed short schedule as in phase 3.
-    # A resume needs the same starting weights (another --finetune_from model, or phases 1-3 trained again).
     realism_dir = args.work_dir / "fit_realism"
     if args.realism_epochs:
         realism_options = TrainOptions(epochs=args.realism_epochs, batch_size=2, learning_rate=2e-4,
