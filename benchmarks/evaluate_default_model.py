@@ -253,7 +253,8 @@ Real brains with non-FCD lesions, as they are (each should be called control):
   measured reason: after normalisation real FLAIR sits lower and wider in the brain (median 0.48-0.68) than the
   synthetic FLAIR it learned from (about 0.80), so real brains scored high. Phase 4 shows it synthetic FLAIR at
   real levels: that lowered the real non-FCD brains' scores and their false candidates, but its subject
-  probability still does not separate real brains with and without an implanted lesion much better than chance.
+  probability separates real brains with and without an implanted lesion only weakly, and large real FLAIR-bright
+  lesions (the stroke, brats2013 pat5) drive it to 1.0.
 - The thresholds hold for maps made as the participant level makes them by default ({DEFAULT_N_PASSES} test-time passes:
   flips and MC dropout, averaged); other `--n_passes` values move the probabilities and so the operating point.
 - The non-FCD lesions it was taught to reject are simulated (MS-like plaques, chronic infarcts, gliomas with

@@ -225,3 +225,19 @@ def test_bright_lesion_region_covers_a_flair_bright_lesion_with_a_margin():
     assert region[18:23, 18:23, 18:23].all()
     assert region[20, 20, 14] and not region[20, 20, 5]  # grown by about 10 mm (5 voxels), no further
     assert region.sum() < 0.2 * region.size
+
+
+def test_bright_lesion_region_finds_a_moderately_bright_lesion_among_mixed_tissues():
+    """Like sub-tcgadu7294 after normalisation: tumour FLAIR (1.25) below median + 4 SD of the brain's tissues
+    together (CSF, white and grey matter), but well above grey and white matter themselves."""
+    from bids_fcd.lesions import bright_lesion_region
+
+    rng = np.random.default_rng(2)
+    tissue = rng.choice([0.15, 0.6, 0.8], p=[0.15, 0.4, 0.45], size=(48, 48, 48))
+    flair = (tissue + rng.normal(0.0, 0.04, size=tissue.shape)).astype(np.float32)
+    flair[20:27, 20:27, 20:27] = 1.25 + rng.normal(0.0, 0.04, size=(7, 7, 7))
+    brain = np.ones(flair.shape, dtype=bool)
+    region = bright_lesion_region(flair, brain, spacing_mm=2.0)
+    assert region[21:26, 21:26, 21:26].all()
+    flair[20:27, 20:27, 20:27] = 0.8  # the same brain without its lesion: grey matter is not a lesion
+    assert bright_lesion_region(flair, brain, spacing_mm=2.0).mean() < 0.02
