@@ -240,7 +240,7 @@ def tissue_probabilities(t1w: np.ndarray, brain: np.ndarray, template_gm: np.nda
         if pure.sum() < 50:
             pure = brain & (share >= np.percentile(share[brain], 90))
         centre = float(np.median(t1w[pure]))
-        spread = max(1.4826 * float(np.median(np.abs(t1w[pure] - centre))), 1e-3 * max(float(np.ptp(values)), 1e-6))
+        spread = max(_robust_sd(t1w[pure], centre), 1e-3 * max(float(np.ptp(values)), 1e-6))
         log_posterior[k] = -0.5 * ((values - centre) / spread) ** 2 - np.log(spread) + np.log(share[brain])
     log_posterior -= log_posterior.max(axis=0)
     posterior = np.exp(log_posterior)
@@ -259,11 +259,16 @@ def bright_lesion_region(flair: np.ndarray, brain: np.ndarray, spacing_mm: float
     sub-tcgadu7294 (a frontal tumour with oedema, 22 mL by this rule) nor in the unseen stroke and MS brains.
     """
     inside = flair[brain]
-    median = np.median(inside)
-    robust_sd = 1.4826 * np.median(np.abs(inside - median))
-    bright = brain & (flair > median + BRIGHT_LESION_MADS * robust_sd)
+    median = float(np.median(inside))
+    bright = brain & (flair > median + BRIGHT_LESION_MADS * _robust_sd(inside, median))
     bright = ndimage.binary_opening(bright, iterations=1)
     return ndimage.binary_dilation(bright, iterations=max(1, round(10.0 / spacing_mm)))
+
+
+def _robust_sd(values: np.ndarray, centre: float) -> float:
+    """The SD of a normal distribution with these values' median absolute deviation from `centre`: a spread that
+    a minority of outliers (a lesion, another tissue) does not move."""
+    return 1.4826 * float(np.median(np.abs(values - centre)))
 
 
 def _equivalent_radius_mm(volume_ml: float) -> float:
