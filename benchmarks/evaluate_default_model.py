@@ -34,7 +34,7 @@ from scipy import ndimage
 from bids_fcd.cache import load_or_preprocess
 from bids_fcd.cli import main as run_app
 from bids_fcd.config import DEFAULT_N_PASSES
-from bids_fcd.evaluate import lesion_case, lesion_summary, subject_metrics
+from bids_fcd.evaluate import auroc, lesion_case, lesion_conspicuity, lesion_summary, subject_metrics
 from bids_fcd.infer import predict
 from bids_fcd.inputs import discover
 from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
@@ -61,6 +61,40 @@ def saliency_in_lesion(saliency: np.ndarray, lesion: np.ndarray) -> bool:
     return bool(ndimage.binary_dilation(lesion >= 0.5)[peak])
 
 
+def conspicuity(flair: np.ndarray, lesion: np.ndarray, brain: np.ndarray, grid) -> dict:
+    """The lesion's volume and FLAIR contrast on the model grid (bids_fcd.evaluate.lesion_conspicuity)."""
+    return lesion_conspicuity(flair, lesion, brain, float(grid.spacing_mm) ** 3 / 1000.0)
+
+
+def by_lesion(rows: list[dict], threshold: float, volume_edges_ml: tuple[float, ...]) -> dict:
+    """Detection, sensitivity and AUROC against all controls of the test set, per band of lesion volume and of
+    FLAIR contrast: where the misses are. Contrast bands are the terciles of this test set's lesions."""
+    patients = [r for r in rows if r["label"] == 1]
+    control_probs = [r["fcd_probability"] for r in rows if r["label"] == 0]
+    contrasts = [r["lesion"]["flair_contrast"] for r in patients if r["lesion"]["flair_contrast"] is not None]
+    contrast_edges = tuple(float(e) for e in np.round(np.quantile(contrasts, [1 / 3, 2 / 3]), 2))
+    result = {}
+    for key, edges, unit in (("volume_ml", volume_edges_ml, "mL"), ("flair_contrast", contrast_edges, "SD")):
+        bands = {}
+        for low, high in zip((None, *edges), (*edges, None)):
+            members = [r for r in patients if r["lesion"][key] is not None
+                       and (low is None or r["lesion"][key] >= low) and (high is None or r["lesion"][key] < high)]
+            name = (f"< {high:g} {unit}" if low is None else f">= {low:g} {unit}" if high is None
+                    else f"{low:g}-{high:g} {unit}")
+            probs = [r["fcd_probability"] for r in members]
+            bands[name] = {
+                "n": len(members),
+                "detection_rate": (float(np.mean([r["lesion_case"]["detected"] for r in members]))
+                                   if members else None),
+                "sensitivity": float(np.mean(np.array(probs) >= threshold)) if members else None,
+                "auroc_against_controls": (auroc(np.r_[np.ones(len(probs)), np.zeros(len(control_probs))],
+                                                 np.r_[probs, control_probs]) if members and control_probs
+                                           else None),
+            }
+        result[key] = bands
+    return result
+
+
 def summarise(rows: list[dict], threshold: float) -> dict:
     labels = np.array([r["label"] for r in rows])
     probs = np.array([r["fcd_probability"] for r in rows])
@@ -76,6 +110,7 @@ def summarise(rows: list[dict], threshold: float) -> dict:
                                                 if controls else None),
         "saliency_peak_in_lesion": (float(np.mean([r["saliency_in_lesion"] for r in patients]))
                                     if patients else None),
+        "by_lesion": by_lesion(rows, threshold, LESION_VOLUME_EDGES_ML) if patients else None,
     }
 
 
@@ -101,7 +136,8 @@ def evaluate_synthetic(model_path: Path, work: Path, n: int, seed: int, n_cpus: 
                   if unit.lesion_mask else np.zeros(grid.shape))
         rows.append({"case": unit.name, "label": unit.label, "fcd_probability": prediction["fcd_probability"],
                      "lesion_case": lesion_case(prob, lesion, config.voxel_threshold, min_voxels),
-                     "saliency_in_lesion": saliency_in_lesion(saliency, lesion) if unit.label else None})
+                     "saliency_in_lesion": saliency_in_lesion(saliency, lesion) if unit.label else None,
+                     "lesion": conspicuity(pre.flair, lesion, pre.brain_mask, grid) if unit.label else None})
     return rows
 
 
@@ -135,11 +171,14 @@ def evaluate_real(model_path: Path, work: Path, implants: int, seed: int) -> lis
                          "lesion_case": lesion_case(prediction.prob_template, lesion, config.voxel_threshold,
                                                     min_voxels),
                          "saliency_in_lesion": (saliency_in_lesion(prediction.saliency_template, lesion)
-                                                if label else None)})
+                                                if label else None),
+                         "lesion": conspicuity(flair, lesion, brain, grid) if label else None})
             log.info("%s: p=%.3f clusters=%d", rows[-1]["case"], prediction.fcd_probability,
                      rows[-1]["lesion_case"]["n_clusters"])
     return rows
 
+
+LESION_VOLUME_EDGES_ML = (1.0, 3.0)  # about the thirds of the log-uniform 0.5-8 mL range lesions are drawn from
 
 # The shipped model's targets: (metric, bound, "min" if the value must reach it, "max" if it must stay under it).
 TARGETS = (("auroc", 0.95, "min", "AUROC"), ("detection_rate", 0.85, "min", "detection"),
@@ -178,6 +217,18 @@ def targets_lines(result: dict) -> str:
     lines.append(f"- real stroke, MS and glioma brains called control: {len(called) - len(fcd_calls)} of {len(called)}"
                  + (f" (called FCD: {', '.join(fcd_calls)})" if fcd_calls else ""))
     return "\n".join(lines)
+
+
+def misses_table(result: dict) -> str:
+    """Detection, sensitivity and AUROC per band of lesion volume and FLAIR contrast, for both test sets."""
+    rows = ["| test set | lesions | n | lesion detection | sensitivity | AUROC against all controls |",
+            "|---" * 6 + "|"]
+    for key, name in (("synthetic_full_pipeline", "synthetic"), ("real_anatomy_with_implants", "real anatomy")):
+        for measure, label in (("volume_ml", "volume"), ("flair_contrast", "FLAIR contrast")):
+            for band, m in result[key]["by_lesion"][measure].items():
+                rows.append(f"| {name} | {label} {band} | {m['n']} | {_fmt(m['detection_rate'])} "
+                            f"| {_fmt(m['sensitivity'])} | {_fmt(m['auroc_against_controls'])} |")
+    return "\n".join(rows)
 
 
 def phases_from(training: dict) -> str:
@@ -234,6 +285,13 @@ card); {result["machine"]["cpus"]} CPU threads, {result["seconds"]} s. Threshold
 Against the targets set for the shipped model:
 
 {targets_lines(result)}
+
+Where the misses are: the same figures per band of lesion volume (mL, on the model grid) and of FLAIR
+contrast (median FLAIR in the lesion minus that in its mirror image across the midline of the symmetric
+template, in robust SDs of the brain's FLAIR; bands are the terciles of each test set's lesions). Bands hold
+few lesions, so read them as a direction, not a figure.
+
+{misses_table(result)}
 
 Real brains with non-FCD lesions, as they are (each should be called control):
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
-from scipy.stats import rankdata
+from scipy.stats import median_abs_deviation, rankdata
 
 THRESHOLD_RULE = ("Youden's J (sensitivity + specificity - 1, i.e. maximal balanced accuracy) on held-out "
                   "subject probabilities; the cut is the midpoint between neighbouring probabilities; among equal J "
@@ -294,3 +294,31 @@ def by_group(groups: np.ndarray, compute: Callable[[np.ndarray], dict], min_size
     groups = np.asarray(groups).astype(str)
     levels, counts = np.unique(groups, return_counts=True)
     return {str(level): compute(groups == level) for level, count in zip(levels, counts) if count >= min_size}
+
+
+def lesion_conspicuity(flair: np.ndarray, lesion: np.ndarray, brain: np.ndarray, voxel_volume_ml: float) -> dict:
+    """How large and how bright a lesion is as the model sees it, so that misses can be told apart by cause.
+
+    The template (`MNI152NLin2009aSym`) is symmetric and the model grid is centred on its midline, so the
+    lesion's mirror across the midline (axis 0 flipped) is its healthy homologue: the FLAIR contrast is the
+    median FLAIR in the lesion minus the median FLAIR in that homologue, in robust SDs of the brain's FLAIR.
+    FCD type II is FLAIR-bright, so a faint lesion scores near 0.
+
+    Args:
+        flair: (X, Y, Z) normalised FLAIR on the model grid.
+        lesion: (X, Y, Z) lesion mask (>= 0.5 counts), not empty.
+        brain: (X, Y, Z) brain mask.
+        voxel_volume_ml: volume of one grid voxel in mL.
+
+    Returns:
+        volume_ml and flair_contrast (None when the mirrored region falls outside the brain).
+    """
+    target = np.asarray(lesion) >= 0.5
+    brain = np.asarray(brain) > 0
+    if not target.any():
+        raise ValueError("lesion_conspicuity needs a non-empty lesion mask")
+    mirror = np.flip(target, axis=0) & brain & ~target
+    spread = float(median_abs_deviation(flair[brain], scale="normal"))
+    contrast = (float(np.median(flair[target])) - float(np.median(flair[mirror])) if mirror.any() else None)
+    return {"volume_ml": float(target.sum() * voxel_volume_ml),
+            "flair_contrast": None if contrast is None or spread <= 0 else contrast / spread}

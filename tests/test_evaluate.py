@@ -208,3 +208,26 @@ def test_by_group_skips_tiny_groups():
     groups = np.array(["a", "a", "b"])
     result = evaluate.by_group(groups, lambda mask: int(mask.sum()))
     assert result == {"a": 2}
+
+
+def test_lesion_conspicuity_measures_volume_and_contrast_against_the_mirrored_homologue():
+    rng = np.random.default_rng(0)
+    brain = np.zeros((20, 10, 10), bool)
+    brain[2:18, 1:9, 1:9] = True
+    flair = rng.normal(0.0, 1.0, brain.shape)
+    lesion = np.zeros(brain.shape, bool)
+    lesion[3:6, 3:6, 3:6] = True
+    flair[lesion] += 2.0
+    result = evaluate.lesion_conspicuity(flair, lesion, brain, voxel_volume_ml=0.5)
+    assert result["volume_ml"] == pytest.approx(27 * 0.5)
+    assert 1.0 < result["flair_contrast"] < 3.0
+    # A brighter homologue makes the same lesion faint.
+    flair[np.flip(lesion, axis=0)] += 2.0
+    assert abs(evaluate.lesion_conspicuity(flair, lesion, brain, 0.5)["flair_contrast"]) < 0.6
+    outside = np.zeros(brain.shape, bool)
+    outside[3:6, 3:6, 3:6] = True
+    half_brain = brain.copy()
+    half_brain[10:] = False
+    assert evaluate.lesion_conspicuity(flair, outside, half_brain, 0.5)["flair_contrast"] is None
+    with pytest.raises(ValueError):
+        evaluate.lesion_conspicuity(flair, np.zeros(brain.shape), brain, 0.5)
