@@ -1,0 +1,106 @@
+"""What a group run's models do on its test split: the refit final model, each fold's best model, the fold
+models' soft-voting ensemble, and the shipped default model.
+
+The group level ships one model refit on every cross-validation participant (`group/model.pt`); this measures
+whether averaging the fold models instead (soft voting: mean subject probability and mean voxel map) would do
+better, and what fine-tuning added over the shipped model. Everything is scored at the group model's thresholds
+(out-of-fold Youden's J and voxel rule), the shipped model also at its own, on the participants that
+participants.tsv marks `split = test`, from the group run's preprocessing cache.
+
+    python benchmarks/group_test_split.py BIDS_DIR OUTPUT_DIR [--out FILE]
+
+OUTPUT_DIR is the group run's output directory (it holds cache/ and group/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bids_fcd.cache import load_or_preprocess
+from bids_fcd.evaluate import lesion_case, lesion_summary, subject_metrics
+from bids_fcd.infer import predict
+from bids_fcd.inputs import discover
+from bids_fcd.models import load_checkpoint
+from bids_fcd.preprocess import mask_to_template
+from bids_fcd.template import model_grid
+
+SHIPPED = Path(__file__).resolve().parents[1] / "bids_fcd" / "weights" / "model.pt"
+
+
+def scores(labels: list[int], probabilities: list[float], cases: list[dict], subject_threshold: float) -> dict:
+    """Subject AUROC, sensitivity and specificity at the threshold; detection, Dice, FP candidates per control."""
+    subject = subject_metrics(np.array(labels), np.array(probabilities), subject_threshold)
+    lesions = lesion_summary(cases)
+    controls = [case["n_clusters"] for label, case in zip(labels, cases) if label == 0]
+    return {"auroc": subject["auroc"], "sensitivity": subject["sensitivity"],
+            "specificity": subject["specificity"], "detection_rate": lesions["detection_rate"],
+            "dice": lesions["dice"], "false_positive_clusters_per_control": float(np.mean(controls))
+            if controls else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bids_dir", type=Path)
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--n_cpus", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/group_test_split.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.n_cpus)
+    group = args.output_dir / "group"
+    final, config = load_checkpoint(group / "model.pt")
+    folds = {path.parent.name: load_checkpoint(path)[0] for path in sorted(group.glob("fold-*/checkpoint_best.pt"))}
+    shipped, shipped_config = load_checkpoint(SHIPPED)
+    if shipped_config.grid_shape != config.grid_shape or shipped_config.grid_spacing_mm != config.grid_spacing_mm:
+        raise SystemExit("the shipped model's grid differs from the group model's: compare on one grid only")
+    grid = model_grid(config.grid_spacing_mm, config.grid_shape)
+    units = [unit for unit in discover(args.bids_dir) if unit.split == "test"]
+    if not units:
+        raise SystemExit(f"{args.bids_dir / 'participants.tsv'}: no participant with split = test")
+    device = torch.device("cpu")
+    models = {"final (refit)": final, **folds, "shipped": shipped}
+    labels, probabilities, maps = [], {name: [] for name in models}, {name: [] for name in models}
+    lesions = []
+    for unit in units:
+        pre = load_or_preprocess(args.output_dir / "cache", unit.t1w, unit.flair, grid)
+        image = np.stack([pre.t1w, pre.flair])
+        labels.append(unit.label)
+        lesions.append(mask_to_template(unit.lesion_mask, unit.lesion_mask_space, pre, unit.t1w, unit.flair)
+                       if unit.lesion_mask else np.zeros(grid.shape, dtype=bool))
+        for name, model in models.items():
+            prediction = predict(model, config, image, pre.brain_mask, device)
+            probabilities[name].append(prediction.fcd_probability)
+            maps[name].append(prediction.prob_template)
+    probabilities["ensemble of folds"] = list(np.mean([probabilities[name] for name in folds], axis=0))
+    maps["ensemble of folds"] = [np.mean([maps[name][i] for name in folds], axis=0) for i in range(len(units))]
+
+    def scored(name: str, subject_threshold: float, voxel_threshold: float) -> dict:
+        cases = [lesion_case(prob, lesion, voxel_threshold, config.min_cluster_voxels)
+                 for prob, lesion in zip(maps[name], lesions)]
+        return scores(labels, probabilities[name], cases, subject_threshold)
+
+    result = {name: scored(name, config.subject_threshold, config.voxel_threshold) for name in probabilities}
+    result["shipped at its own thresholds"] = scored("shipped", shipped_config.subject_threshold,
+                                                     shipped_config.voxel_threshold)
+    record = {"group_run": str(args.output_dir), "n_test": len(units), "n_fcd": int(sum(labels)),
+              "group_thresholds": [config.subject_threshold, config.voxel_threshold],
+              "shipped_thresholds": [shipped_config.subject_threshold, shipped_config.voxel_threshold],
+              "models": result, "machine": {"platform": platform.platform(), "cpus": args.n_cpus,
+                                            "torch": torch.__version__}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{'model':<30} AUROC  sens  spec  detect  Dice  FP/control")
+    for name, m in result.items():
+        print(f"{name:<30} " + "  ".join("  n/a" if m[k] is None else f"{m[k]:.2f}" for k in
+                                         ("auroc", "sensitivity", "specificity", "detection_rate", "dice",
+                                          "false_positive_clusters_per_control")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
