@@ -34,7 +34,15 @@ from scipy import ndimage
 from bids_fcd.cache import load_or_preprocess
 from bids_fcd.cli import main as run_app
 from bids_fcd.config import DEFAULT_N_PASSES
-from bids_fcd.evaluate import auroc, lesion_case, lesion_conspicuity, lesion_summary, subject_metrics
+from bids_fcd.evaluate import (
+    LESION_VOLUME_EDGES_ML,
+    auroc,
+    band_label,
+    band_labels,
+    detector_figures,
+    lesion_case,
+    lesion_conspicuity,
+)
 from bids_fcd.infer import predict
 from bids_fcd.inputs import discover
 from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
@@ -61,12 +69,7 @@ def saliency_in_lesion(saliency: np.ndarray, lesion: np.ndarray) -> bool:
     return bool(ndimage.binary_dilation(lesion >= 0.5)[peak])
 
 
-def conspicuity(flair: np.ndarray, lesion: np.ndarray, brain: np.ndarray, grid) -> dict:
-    """The lesion's volume and FLAIR contrast on the model grid (bids_fcd.evaluate.lesion_conspicuity)."""
-    return lesion_conspicuity(flair, lesion, brain, float(grid.spacing_mm) ** 3 / 1000.0)
-
-
-def by_lesion(rows: list[dict], threshold: float, volume_edges_ml: tuple[float, ...]) -> dict:
+def by_lesion(rows: list[dict], threshold: float) -> dict:
     """Detection, sensitivity and AUROC against all controls of the test set, per band of lesion volume and of
     FLAIR contrast: where the misses are. Contrast bands are the terciles of this test set's lesions."""
     patients = [r for r in rows if r["label"] == 1]
@@ -74,15 +77,13 @@ def by_lesion(rows: list[dict], threshold: float, volume_edges_ml: tuple[float, 
     contrasts = [r["lesion"]["flair_contrast"] for r in patients if r["lesion"]["flair_contrast"] is not None]
     contrast_edges = tuple(float(e) for e in np.round(np.quantile(contrasts, [1 / 3, 2 / 3]), 2))
     result = {}
-    for key, edges, unit in (("volume_ml", volume_edges_ml, "mL"), ("flair_contrast", contrast_edges, "SD")):
+    for key, edges, unit in (("volume_ml", LESION_VOLUME_EDGES_ML, "mL"), ("flair_contrast", contrast_edges, "SD")):
         bands = {}
-        for low, high in zip((None, *edges), (*edges, None)):
-            members = [r for r in patients if r["lesion"][key] is not None
-                       and (low is None or r["lesion"][key] >= low) and (high is None or r["lesion"][key] < high)]
-            name = (f"< {high:g} {unit}" if low is None else f">= {low:g} {unit}" if high is None
-                    else f"{low:g}-{high:g} {unit}")
+        for band in band_labels(edges, unit):
+            members = [r for r in patients
+                       if r["lesion"][key] is not None and band_label(r["lesion"][key], edges, unit) == band]
             probs = [r["fcd_probability"] for r in members]
-            bands[name] = {
+            bands[band] = {
                 "n": len(members),
                 "detection_rate": (float(np.mean([r["lesion_case"]["detected"] for r in members]))
                                    if members else None),
@@ -96,21 +97,14 @@ def by_lesion(rows: list[dict], threshold: float, volume_edges_ml: tuple[float, 
 
 
 def summarise(rows: list[dict], threshold: float) -> dict:
-    labels = np.array([r["label"] for r in rows])
-    probs = np.array([r["fcd_probability"] for r in rows])
-    subject = subject_metrics(labels, probs, threshold)
-    lesions = lesion_summary([r["lesion_case"] for r in rows])
     patients = [r for r in rows if r["label"] == 1]
-    controls = [r for r in rows if r["label"] == 0]
     return {
-        "n": len(rows), "n_fcd": len(patients), "n_control": len(controls),
-        "auroc": subject["auroc"], "sensitivity": subject["sensitivity"], "specificity": subject["specificity"],
-        "detection_rate": lesions["detection_rate"], "dice": lesions["dice"],
-        "false_positive_clusters_per_control": (float(np.mean([r["lesion_case"]["n_clusters"] for r in controls]))
-                                                if controls else None),
+        "n": len(rows), "n_fcd": len(patients), "n_control": len(rows) - len(patients),
+        **detector_figures([r["label"] for r in rows], [r["fcd_probability"] for r in rows],
+                           [r["lesion_case"] for r in rows], threshold),
         "saliency_peak_in_lesion": (float(np.mean([r["saliency_in_lesion"] for r in patients]))
                                     if patients else None),
-        "by_lesion": by_lesion(rows, threshold, LESION_VOLUME_EDGES_ML) if patients else None,
+        "by_lesion": by_lesion(rows, threshold) if patients else None,
     }
 
 
@@ -137,7 +131,8 @@ def evaluate_synthetic(model_path: Path, work: Path, n: int, seed: int, n_cpus: 
         rows.append({"case": unit.name, "label": unit.label, "fcd_probability": prediction["fcd_probability"],
                      "lesion_case": lesion_case(prob, lesion, config.voxel_threshold, min_voxels),
                      "saliency_in_lesion": saliency_in_lesion(saliency, lesion) if unit.label else None,
-                     "lesion": conspicuity(pre.flair, lesion, pre.brain_mask, grid) if unit.label else None})
+                     "lesion": (lesion_conspicuity(pre.flair, lesion, pre.brain_mask, grid.spacing_mm)
+                                if unit.label else None)})
     return rows
 
 
@@ -172,13 +167,11 @@ def evaluate_real(model_path: Path, work: Path, implants: int, seed: int) -> lis
                                                     min_voxels),
                          "saliency_in_lesion": (saliency_in_lesion(prediction.saliency_template, lesion)
                                                 if label else None),
-                         "lesion": conspicuity(flair, lesion, brain, grid) if label else None})
+                         "lesion": lesion_conspicuity(flair, lesion, brain, grid.spacing_mm) if label else None})
             log.info("%s: p=%.3f clusters=%d", rows[-1]["case"], prediction.fcd_probability,
                      rows[-1]["lesion_case"]["n_clusters"])
     return rows
 
-
-LESION_VOLUME_EDGES_ML = (1.0, 3.0)  # about the thirds of the log-uniform 0.5-8 mL range lesions are drawn from
 
 # The shipped model's targets: (metric, bound, "min" if the value must reach it, "max" if it must stay under it).
 TARGETS = (("auroc", 0.95, "min", "AUROC"), ("detection_rate", 0.85, "min", "detection"),

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from bids_fcd.cache import load_or_preprocess
-from bids_fcd.evaluate import lesion_case, lesion_summary, subject_metrics
+from bids_fcd.evaluate import detector_figures, lesion_case
 from bids_fcd.infer import predict
 from bids_fcd.inputs import discover
 from bids_fcd.models import load_checkpoint
@@ -31,17 +31,6 @@ from bids_fcd.preprocess import mask_to_template
 from bids_fcd.template import model_grid
 
 SHIPPED = Path(__file__).resolve().parents[1] / "bids_fcd" / "weights" / "model.pt"
-
-
-def scores(labels: list[int], probabilities: list[float], cases: list[dict], subject_threshold: float) -> dict:
-    """Subject AUROC, sensitivity and specificity at the threshold; detection, Dice, FP candidates per control."""
-    subject = subject_metrics(np.array(labels), np.array(probabilities), subject_threshold)
-    lesions = lesion_summary(cases)
-    controls = [case["n_clusters"] for label, case in zip(labels, cases) if label == 0]
-    return {"auroc": subject["auroc"], "sensitivity": subject["sensitivity"],
-            "specificity": subject["specificity"], "detection_rate": lesions["detection_rate"],
-            "dice": lesions["dice"], "false_positive_clusters_per_control": float(np.mean(controls))
-            if controls else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     def scored(name: str, subject_threshold: float, voxel_threshold: float) -> dict:
         cases = [lesion_case(prob, lesion, voxel_threshold, config.min_cluster_voxels)
                  for prob, lesion in zip(maps[name], lesions)]
-        return scores(labels, probabilities[name], cases, subject_threshold)
+        return detector_figures(labels, probabilities[name], cases, subject_threshold)
 
     result = {name: scored(name, config.subject_threshold, config.voxel_threshold) for name in probabilities}
     result["shipped at its own thresholds"] = scored("shipped", shipped_config.subject_threshold,

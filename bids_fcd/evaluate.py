@@ -9,6 +9,8 @@ lesion masks on one template grid, (X, Y, Z); candidate clusters are cut exactly
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -26,6 +28,9 @@ VOXEL_THRESHOLD_RULE = (f"lowest of 0.05, 0.10, ..., 0.95 with at most {MAX_FP_P
                         "off the mask in a patient), which maximises lesion detection within that bound; where none "
                         "meets it, the one with the fewest")
 CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, as infer.find_clusters
+# Lesion-volume bands for "which lesions are missed": about the thirds of the log-uniform 0.5-8 mL range the
+# synthetic lesions are drawn from, and the small / medium / large of resected FCD type II.
+LESION_VOLUME_EDGES_ML = (1.0, 3.0)
 
 
 def _safe_ratio(numerator: float, denominator: float) -> float | None:
@@ -289,6 +294,42 @@ def choose_voxel_threshold(prob_maps: Sequence[np.ndarray], lesions: Sequence[np
     return VOXEL_THRESHOLDS[fewest[-1]]
 
 
+def detector_figures(labels: Sequence[int], probabilities: Sequence[float], cases: Sequence[dict],
+                     threshold: float) -> dict:
+    """The detector's headline figures on one test set: subject AUROC, sensitivity and specificity at
+    `threshold`, lesion detection, Dice, and false-positive candidate clusters per control (`cases` from
+    `lesion_case`, in the order of `labels`)."""
+    subject = subject_metrics(np.asarray(labels), np.asarray(probabilities), threshold)
+    lesions = lesion_summary(cases)
+    controls = [case["n_clusters"] for label, case in zip(labels, cases) if label == 0]
+    return {"auroc": subject["auroc"], "sensitivity": subject["sensitivity"],
+            "specificity": subject["specificity"], "detection_rate": lesions["detection_rate"],
+            "dice": lesions["dice"],
+            "false_positive_clusters_per_control": float(np.mean(controls)) if controls else None}
+
+
+def band_labels(edges: Sequence[float], unit: str) -> list[str]:
+    """The names of the bands that ascending `edges` cut: "< 1 mL", "1-3 mL", ">= 3 mL"."""
+    return [f"< {edges[0]:g} {unit}", *(f"{low:g}-{high:g} {unit}" for low, high in itertools.pairwise(edges)),
+            f">= {edges[-1]:g} {unit}"]
+
+
+def band_label(value: float, edges: Sequence[float], unit: str) -> str:
+    """The name of the band that holds `value` (a value on an edge belongs to the band above it)."""
+    return band_labels(edges, unit)[bisect.bisect_right(edges, value)]
+
+
+def detection_by_volume(volumes_ml: Sequence[float], detected: Sequence[bool],
+                        edges: Sequence[float] = LESION_VOLUME_EDGES_ML) -> dict:
+    """Lesion detection rate per lesion-volume band ({band: {"n", "detection_rate"}}): small lesions are the
+    ones a detector misses first, and a single rate hides it."""
+    result = {}
+    for band in band_labels(edges, "mL"):
+        hits = [bool(hit) for volume, hit in zip(volumes_ml, detected) if band_label(volume, edges, "mL") == band]
+        result[band] = {"n": len(hits), "detection_rate": float(np.mean(hits)) if hits else None}
+    return result
+
+
 def by_group(groups: np.ndarray, compute: Callable[[np.ndarray], dict], min_size: int = 2) -> dict:
     """`compute(row_mask)` for every level of `groups` (sites, acquisitions) with at least `min_size` rows."""
     groups = np.asarray(groups).astype(str)
@@ -296,7 +337,7 @@ def by_group(groups: np.ndarray, compute: Callable[[np.ndarray], dict], min_size
     return {str(level): compute(groups == level) for level, count in zip(levels, counts) if count >= min_size}
 
 
-def lesion_conspicuity(flair: np.ndarray, lesion: np.ndarray, brain: np.ndarray, voxel_volume_ml: float) -> dict:
+def lesion_conspicuity(flair: np.ndarray | None, lesion: np.ndarray, brain: np.ndarray, spacing_mm: float) -> dict:
     """How large and how bright a lesion is as the model sees it, so that misses can be told apart by cause.
 
     The template (`MNI152NLin2009aSym`) is symmetric and the model grid is centred on its midline, so the
@@ -305,20 +346,22 @@ def lesion_conspicuity(flair: np.ndarray, lesion: np.ndarray, brain: np.ndarray,
     FCD type II is FLAIR-bright, so a faint lesion scores near 0.
 
     Args:
-        flair: (X, Y, Z) normalised FLAIR on the model grid.
+        flair: (X, Y, Z) normalised FLAIR on the model grid; None for a model without FLAIR (no contrast).
         lesion: (X, Y, Z) lesion mask (>= 0.5 counts), not empty.
         brain: (X, Y, Z) brain mask.
-        voxel_volume_ml: volume of one grid voxel in mL.
+        spacing_mm: isotropic voxel size of the grid.
 
     Returns:
-        volume_ml and flair_contrast (None when the mirrored region falls outside the brain).
+        volume_ml and flair_contrast (None without FLAIR or when the mirrored region falls outside the brain).
     """
     target = np.asarray(lesion) >= 0.5
     brain = np.asarray(brain) > 0
     if not target.any():
         raise ValueError("lesion_conspicuity needs a non-empty lesion mask")
+    volume_ml = float(target.sum() * spacing_mm ** 3 / 1000.0)
     mirror = np.flip(target, axis=0) & brain & ~target
+    if flair is None or not mirror.any():
+        return {"volume_ml": volume_ml, "flair_contrast": None}
     spread = float(median_abs_deviation(flair[brain], scale="normal"))
-    contrast = (float(np.median(flair[target])) - float(np.median(flair[mirror])) if mirror.any() else None)
-    return {"volume_ml": float(target.sum() * voxel_volume_ml),
-            "flair_contrast": None if contrast is None or spread <= 0 else contrast / spread}
+    contrast = float(np.median(flair[target])) - float(np.median(flair[mirror]))
+    return {"volume_ml": volume_ml, "flair_contrast": contrast / spread if spread > 0 else None}

@@ -66,6 +66,9 @@ def metric_rows(metrics: dict) -> list[list[str]]:
             rows.append([title, key, _fmt(section["subject"][key])])
         for key in LESION_KEYS:
             rows.append([title, f"lesion {key}", _fmt(section["lesion"][key])])
+        for band, entry in section["lesion_by_volume"].items():
+            rows.append([title, f"lesion detection_rate, lesions {band}",
+                         f"{_fmt(entry['detection_rate'])} (n = {entry['n']})"])
         rows.append([title, "n (FCD)", f"{section['subject']['n']} ({section['subject']['n_positive']})"])
     for site, section in metrics["cross_validation"]["by_site"].items():
         for key in ("auroc", "sensitivity", "specificity"):

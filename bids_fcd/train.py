@@ -317,14 +317,20 @@ def known_lesion(sample: Sample) -> np.ndarray | None:
 
 def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], subject_threshold: float,
                     voxel_threshold: float) -> list[dict]:
-    """One predictions.tsv row per sample of `predicted`, with its lesion localisation outcome."""
-    from bids_fcd.evaluate import lesion_case
+    """One predictions.tsv row per sample of `predicted`, with its lesion localisation outcome and, where the
+    lesion is known, its volume and FLAIR contrast (`evaluate.lesion_conspicuity`): which lesions are missed."""
+    from bids_fcd.evaluate import lesion_case, lesion_conspicuity
 
     rows = []
     min_voxels = run.config.min_cluster_voxels
+    flair_channel = run.config.channels.index("FLAIR") if "FLAIR" in run.config.channels else None
     for j, i in enumerate(predicted.indices):
         sample = run.samples[i]
         case = lesion_case(predicted.maps[j].astype(np.float32), known_lesion(sample), voxel_threshold, min_voxels)
+        conspicuity = {"volume_ml": None, "flair_contrast": None}
+        if case["detected"] is not None:  # a non-empty lesion mask
+            conspicuity = lesion_conspicuity(None if flair_channel is None else sample.image[flair_channel],
+                                             sample.lesion, sample.brain_mask, run.config.grid_spacing_mm)
         meta = sample.unit.metadata
         rows.append({
             "participant_id": sample.participant_id, "session": sample.unit.session or "n/a",
@@ -336,13 +342,24 @@ def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], sub
             "has_lesion_mask": sample.lesion is not None, "n_clusters": case["n_clusters"],
             "n_false_positive": case["n_false_positive"], "lesion_detected": case["detected"],
             "dice": None if case["dice"] is None else round(case["dice"], 4),
+            "lesion_volume_ml": _rounded(conspicuity["volume_ml"], 3),
+            "lesion_flair_contrast": _rounded(conspicuity["flair_contrast"], 3),
         })
     return rows
 
 
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def cohort_metrics(frame: pd.DataFrame, threshold: float, n_boot: int, seed: int) -> dict:
     """Subject and lesion metrics (with CIs) of a predictions table, overall and by site."""
-    from bids_fcd.evaluate import by_group, lesion_metrics_with_ci, subject_metrics_with_ci
+    from bids_fcd.evaluate import (
+        by_group,
+        detection_by_volume,
+        lesion_metrics_with_ci,
+        subject_metrics_with_ci,
+    )
 
     def compute(rows: pd.DataFrame) -> dict:
         cases = [{"n_clusters": r.n_clusters, "n_false_positive": None if pd.isna(r.n_false_positive)
@@ -355,6 +372,9 @@ def cohort_metrics(frame: pd.DataFrame, threshold: float, n_boot: int, seed: int
                 "lesion": lesion_metrics_with_ci(cases, n_boot, seed)}
 
     result = compute(frame)
+    with_lesion = frame[frame["lesion_volume_ml"].notna()]
+    result["lesion_by_volume"] = detection_by_volume(with_lesion["lesion_volume_ml"].to_numpy(),
+                                                     with_lesion["lesion_detected"].astype(bool).to_numpy())
     result["by_site"] = by_group(frame["site"].to_numpy(), lambda mask: compute(frame[mask]))
     return result
 

@@ -218,16 +218,38 @@ def test_lesion_conspicuity_measures_volume_and_contrast_against_the_mirrored_ho
     lesion = np.zeros(brain.shape, bool)
     lesion[3:6, 3:6, 3:6] = True
     flair[lesion] += 2.0
-    result = evaluate.lesion_conspicuity(flair, lesion, brain, voxel_volume_ml=0.5)
-    assert result["volume_ml"] == pytest.approx(27 * 0.5)
+    result = evaluate.lesion_conspicuity(flair, lesion, brain, spacing_mm=2.0)
+    assert result["volume_ml"] == pytest.approx(27 * 8 / 1000)
     assert 1.0 < result["flair_contrast"] < 3.0
     # A brighter homologue makes the same lesion faint.
     flair[np.flip(lesion, axis=0)] += 2.0
-    assert abs(evaluate.lesion_conspicuity(flair, lesion, brain, 0.5)["flair_contrast"]) < 0.6
-    outside = np.zeros(brain.shape, bool)
-    outside[3:6, 3:6, 3:6] = True
+    assert abs(evaluate.lesion_conspicuity(flair, lesion, brain, 2.0)["flair_contrast"]) < 0.6
+    assert evaluate.lesion_conspicuity(None, lesion, brain, 2.0) == {"volume_ml": result["volume_ml"],
+                                                                      "flair_contrast": None}
+    # No homologue inside the brain: no contrast to measure.
     half_brain = brain.copy()
     half_brain[10:] = False
-    assert evaluate.lesion_conspicuity(flair, outside, half_brain, 0.5)["flair_contrast"] is None
+    assert evaluate.lesion_conspicuity(flair, lesion, half_brain, 2.0)["flair_contrast"] is None
     with pytest.raises(ValueError):
-        evaluate.lesion_conspicuity(flair, np.zeros(brain.shape), brain, 0.5)
+        evaluate.lesion_conspicuity(flair, np.zeros(brain.shape), brain, 2.0)
+
+
+def test_detector_figures_count_false_positives_on_controls_only():
+    labels = [1, 1, 0, 0]
+    cases = [{"n_clusters": 2, "n_false_positive": 1, "detected": True, "dice": 0.5},
+             {"n_clusters": 0, "n_false_positive": 0, "detected": False, "dice": 0.0},
+             {"n_clusters": 1, "n_false_positive": 1, "detected": None, "dice": None},
+             {"n_clusters": 0, "n_false_positive": 0, "detected": None, "dice": None}]
+    figures = evaluate.detector_figures(labels, [0.9, 0.4, 0.6, 0.1], cases, threshold=0.5)
+    assert figures == {"auroc": 0.75, "sensitivity": 0.5, "specificity": 0.5, "detection_rate": 0.5,
+                       "dice": 0.25, "false_positive_clusters_per_control": 0.5}
+
+
+def test_volume_bands_and_detection_by_volume():
+    assert [evaluate.band_label(v, (1.0, 3.0), "mL") for v in (0.5, 1.0, 2.9, 3.0, 8.0)] == [
+        "< 1 mL", "1-3 mL", "1-3 mL", ">= 3 mL", ">= 3 mL"]
+    assert evaluate.band_labels((1.0, 3.0), "mL") == ["< 1 mL", "1-3 mL", ">= 3 mL"]
+    result = evaluate.detection_by_volume([0.5, 0.7, 2.0, 5.0], [False, True, True, True])
+    assert result == {"< 1 mL": {"n": 2, "detection_rate": 0.5}, "1-3 mL": {"n": 1, "detection_rate": 1.0},
+                      ">= 3 mL": {"n": 1, "detection_rate": 1.0}}
+    assert evaluate.detection_by_volume([], [])[">= 3 mL"] == {"n": 0, "detection_rate": None}

@@ -117,6 +117,10 @@ def test_predictions_table_has_one_row_per_unit(group_run):
     expected = np.where(table["fcd_probability"] >= threshold, "fcd", "control")
     assert (table["predicted"] == expected)[clear].all()
     assert set(table.loc[table["label"] == "control", "lesion_detected"]) == {"n/a"}
+    assert set(table.loc[table["label"] == "control", "lesion_volume_ml"]) == {"n/a"}
+    patients = table[table["label"] == "fcd"]
+    assert (patients["lesion_volume_ml"].astype(float) > 0).all()
+    assert patients["lesion_flair_contrast"].astype(float).notna().all()
 
 
 def test_metrics_have_confidence_intervals_sites_and_the_audit(group_run):
@@ -128,6 +132,13 @@ def test_metrics_have_confidence_intervals_sites_and_the_audit(group_run):
     for key in ("detection_rate", "false_positives_per_participant", "dice"):
         assert key in cv["lesion"]
     assert set(cv["by_site"]) == {"siteA", "siteB"}
+    table = pd.read_csv(out / "group" / "predictions.tsv", sep="\t")
+    cv_patients = table[(table["fold"] != "test") & (table["label"] == "fcd")]
+    by_volume = cv["lesion_by_volume"]
+    assert list(by_volume) == evaluate.band_labels(evaluate.LESION_VOLUME_EDGES_ML, "mL")
+    assert sum(band["n"] for band in by_volume.values()) == len(cv_patients)
+    detected = sum(band["n"] * band["detection_rate"] for band in by_volume.values() if band["n"])
+    assert detected == pytest.approx(cv_patients["lesion_detected"].astype(bool).sum())
     assert "test" in metrics and metrics["protocol"]["test_set"]
     assert metrics["shortcut_audit"]["best"]["auroc"] is not None
     assert "harmonise" in metrics["harmonisation"] and metrics["cohort"]["n_fcd"] == N_PARTICIPANTS // 2
