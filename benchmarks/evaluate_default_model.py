@@ -37,8 +37,7 @@ from bids_fcd.config import DEFAULT_N_PASSES
 from bids_fcd.evaluate import (
     LESION_VOLUME_EDGES_ML,
     auroc,
-    band_label,
-    band_labels,
+    band_members,
     detector_figures,
     lesion_case,
     lesion_conspicuity,
@@ -79,9 +78,8 @@ def by_lesion(rows: list[dict], threshold: float) -> dict:
     result = {}
     for key, edges, unit in (("volume_ml", LESION_VOLUME_EDGES_ML, "mL"), ("flair_contrast", contrast_edges, "SD")):
         bands = {}
-        for band in band_labels(edges, unit):
-            members = [r for r in patients
-                       if r["lesion"][key] is not None and band_label(r["lesion"][key], edges, unit) == band]
+        for band, indices in band_members([r["lesion"][key] for r in patients], edges, unit).items():
+            members = [patients[i] for i in indices]
             probs = [r["fcd_probability"] for r in members]
             bands[band] = {
                 "n": len(members),

@@ -29,7 +29,7 @@ VOXEL_THRESHOLD_RULE = (f"lowest of 0.05, 0.10, ..., 0.95 with at most {MAX_FP_P
                         "meets it, the one with the fewest")
 CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, as infer.find_clusters
 # Lesion-volume bands for "which lesions are missed": about the thirds of the log-uniform 0.5-8 mL range the
-# synthetic lesions are drawn from, and the small / medium / large of resected FCD type II.
+# synthetic lesions are drawn from.
 LESION_VOLUME_EDGES_ML = (1.0, 3.0)
 
 
@@ -319,15 +319,22 @@ def band_label(value: float, edges: Sequence[float], unit: str) -> str:
     return band_labels(edges, unit)[bisect.bisect_right(edges, value)]
 
 
+def band_members(values: Sequence[float | None], edges: Sequence[float], unit: str) -> dict[str, list[int]]:
+    """{band name: indices of the values in it}, every band present, smallest first; None values in none."""
+    members: dict[str, list[int]] = {band: [] for band in band_labels(edges, unit)}
+    for index, value in enumerate(values):
+        if value is not None:
+            members[band_label(value, edges, unit)].append(index)
+    return members
+
+
 def detection_by_volume(volumes_ml: Sequence[float], detected: Sequence[bool],
                         edges: Sequence[float] = LESION_VOLUME_EDGES_ML) -> dict:
     """Lesion detection rate per lesion-volume band ({band: {"n", "detection_rate"}}): small lesions are the
     ones a detector misses first, and a single rate hides it."""
-    result = {}
-    for band in band_labels(edges, "mL"):
-        hits = [bool(hit) for volume, hit in zip(volumes_ml, detected) if band_label(volume, edges, "mL") == band]
-        result[band] = {"n": len(hits), "detection_rate": float(np.mean(hits)) if hits else None}
-    return result
+    return {band: {"n": len(indices),
+                   "detection_rate": float(np.mean([bool(detected[i]) for i in indices])) if indices else None}
+            for band, indices in band_members(volumes_ml, edges, "mL").items()}
 
 
 def by_group(groups: np.ndarray, compute: Callable[[np.ndarray], dict], min_size: int = 2) -> dict:

@@ -341,7 +341,7 @@ def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], sub
             "predicted": "fcd" if predicted.probability[j] >= subject_threshold else "control",
             "has_lesion_mask": sample.lesion is not None, "n_clusters": case["n_clusters"],
             "n_false_positive": case["n_false_positive"], "lesion_detected": case["detected"],
-            "dice": None if case["dice"] is None else round(case["dice"], 4),
+            "dice": _rounded(case["dice"], 4),
             "lesion_volume_ml": _rounded(conspicuity["volume_ml"], 3),
             "lesion_flair_contrast": _rounded(conspicuity["flair_contrast"], 3),
         })
