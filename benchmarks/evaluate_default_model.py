@@ -38,7 +38,9 @@ from bids_fcd.evaluate import (
     LESION_VOLUME_EDGES_ML,
     auroc,
     band_members,
+    bootstrap_ci,
     detector_figures,
+    detector_figures_ci,
     lesion_case,
     lesion_conspicuity,
 )
@@ -95,13 +97,19 @@ def by_lesion(rows: list[dict], threshold: float) -> dict:
 
 
 def summarise(rows: list[dict], threshold: float) -> dict:
+    """The headline figures of one test set, each with a 95 % bootstrap interval that resamples whole people
+    (a real brain with its implanted copies, both sessions of the MS patient)."""
     patients = [r for r in rows if r["label"] == 1]
+    labels, probabilities = [r["label"] for r in rows], [r["fcd_probability"] for r in rows]
+    cases = [r["lesion_case"] for r in rows]
+    ci95 = detector_figures_ci(labels, probabilities, cases, threshold, groups=[r["person"] for r in rows])
+    saliency_hits = np.array([r["saliency_in_lesion"] for r in patients], dtype=float)
+    saliency_ci = bootstrap_ci(np.mean, saliency_hits, groups=np.array([r["person"] for r in patients]))
     return {
         "n": len(rows), "n_fcd": len(patients), "n_control": len(rows) - len(patients),
-        **detector_figures([r["label"] for r in rows], [r["fcd_probability"] for r in rows],
-                           [r["lesion_case"] for r in rows], threshold),
-        "saliency_peak_in_lesion": (float(np.mean([r["saliency_in_lesion"] for r in patients]))
-                                    if patients else None),
+        **detector_figures(labels, probabilities, cases, threshold),
+        "saliency_peak_in_lesion": float(np.mean(saliency_hits)) if patients else None,
+        "ci95": {**ci95, "saliency_peak_in_lesion": list(saliency_ci) if saliency_ci else None},
         "by_lesion": by_lesion(rows, threshold) if patients else None,
     }
 
@@ -126,7 +134,7 @@ def evaluate_synthetic(model_path: Path, work: Path, n: int, seed: int, n_cpus: 
         saliency = nib.load(next(anat.glob("*_space-*_desc-saliency_probseg.nii.gz"))).get_fdata()
         lesion = (mask_to_template(unit.lesion_mask, unit.lesion_mask_space, pre, unit.t1w, unit.flair)
                   if unit.lesion_mask else np.zeros(grid.shape))
-        rows.append({"case": unit.name, "label": unit.label, "fcd_probability": prediction["fcd_probability"],
+        rows.append({"case": unit.name, "person": unit.subject, "label": unit.label, "fcd_probability": prediction["fcd_probability"],
                      "lesion_case": lesion_case(prob, lesion, config.voxel_threshold, min_voxels),
                      "saliency_in_lesion": saliency_in_lesion(saliency, lesion) if unit.label else None,
                      "lesion": (lesion_conspicuity(pre.flair, lesion, pre.brain_mask, grid.spacing_mm)
@@ -159,7 +167,8 @@ def evaluate_real(model_path: Path, work: Path, implants: int, seed: int) -> lis
         for what, t1w, flair, lesion, label in cases:
             prediction = predict(model, config, np.stack([t1w, flair]), brain, device, n_passes=DEFAULT_N_PASSES,
                                  seed=seed)
-            rows.append({"case": f"{folder}/{t1w_name.split('_T1w')[0]} {what}", "label": label,
+            rows.append({"case": f"{folder}/{t1w_name.split('_T1w')[0]} {what}",
+                         "person": f"{folder}/{t1w_name.split('_')[0]}", "label": label,
                          "fcd_probability": prediction.fcd_probability,
                          "lesion_case": lesion_case(prediction.prob_template, lesion, config.voxel_threshold,
                                                     min_voxels),
@@ -180,6 +189,16 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _interval(figures: dict, key: str) -> str:
+    """The 95 % bootstrap interval of `figures[key]` as `low-high`."""
+    interval = figures["ci95"][key]
+    return f"{_fmt(interval[0])}-{_fmt(interval[1])}" if interval else "n/a"
+
+
+def _with_interval(figures: dict, key: str) -> str:
+    return f"{_fmt(figures[key])} ({_interval(figures, key)})"
+
+
 def figures_table(result: dict) -> str:
     header = ("| test set | n (FCD / control) | subject AUROC | sensitivity | specificity | lesion detection | Dice "
               "| FP candidates per control | saliency peak in lesion |")
@@ -187,9 +206,10 @@ def figures_table(result: dict) -> str:
     for key, name in (("synthetic_full_pipeline", "held-out synthetic cohort, whole participant level"),
                       ("real_anatomy_with_implants", "unseen real brains, FCD-like implants + as they are")):
         m = result[key]
-        rows.append(f"| {name} | {m['n_fcd']} / {m['n_control']} | {_fmt(m['auroc'])} | {_fmt(m['sensitivity'])} "
-                    f"| {_fmt(m['specificity'])} | {_fmt(m['detection_rate'])} | {_fmt(m['dice'])} "
-                    f"| {_fmt(m['false_positive_clusters_per_control'])} | {_fmt(m['saliency_peak_in_lesion'])} |")
+        figures = " | ".join(_with_interval(m, figure) for figure in (
+            "auroc", "sensitivity", "specificity", "detection_rate", "dice", "false_positive_clusters_per_control",
+            "saliency_peak_in_lesion"))
+        rows.append(f"| {name} | {m['n_fcd']} / {m['n_control']} | {figures} |")
     return "\n".join(rows)
 
 
@@ -201,7 +221,8 @@ def targets_lines(result: dict) -> str:
         for metric, bound, kind, label in TARGETS:
             value = result[key][metric]
             met = value is not None and (value >= bound if kind == "min" else value <= bound)
-            verdicts.append(f"{label} {'>=' if kind == 'min' else '<='} {bound} {'met' if met else '**not met**'}")
+            verdicts.append(f"{label} {'>=' if kind == 'min' else '<='} {bound} {'met' if met else '**not met**'} "
+                            f"({_fmt(value)}, interval {_interval(result[key], metric)})")
         lines.append(f"- {name}: " + "; ".join(verdicts))
     called = result["real_non_fcd_brains"]
     fcd_calls = [case for case, r in called.items() if r["called"] == "fcd"]
@@ -270,6 +291,9 @@ card); {result["machine"]["cpus"]} CPU threads, {result["seconds"]} s. Threshold
 {config.subject_threshold:.4f}, voxel {config.voxel_threshold}). The synthetic cohort (`bids_fcd synth`, seed
 {result["seed"]}) went through the whole participant level from raw native-space images; the real brains
 (stroke-cstar01, ms-longitudinal-raw sessions 1 and 2, glioma-brats2013 1-5) were never seen in training.
+In brackets, 95 % percentile-bootstrap intervals (1000 resamples of whole people: a real brain with its implanted
+copies, the MS patient's two sessions together): with test sets this small a figure can move that far on another
+draw of the same size; read them before comparing two models, or a figure with its target.
 
 {figures_table(result)}
 

@@ -308,6 +308,28 @@ def detector_figures(labels: Sequence[int], probabilities: Sequence[float], case
             "false_positive_clusters_per_control": float(np.mean(controls)) if controls else None}
 
 
+def detector_figures_ci(labels: Sequence[int], probabilities: Sequence[float], cases: Sequence[dict],
+                        threshold: float, groups: Sequence[str] | None = None, n_boot: int = 1000,
+                        seed: int = 0) -> dict[str, list[float] | None]:
+    """95 % percentile-bootstrap interval of each of `detector_figures` (None where undefined).
+
+    Test sets here are small (tens of participants): the interval says how far a figure could move on another
+    draw of the same size. `groups` resamples related rows together (several implants in one real brain, two
+    sessions of one person), so that they do not count as independent evidence.
+    """
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities)
+    cases = np.asarray(list(cases), dtype=object)
+    samples = bootstrap_samples(lambda y, p, c: detector_figures(y, p, list(c), threshold), labels, probabilities,
+                                cases, n_boot=n_boot, seed=seed,
+                                groups=None if groups is None else np.asarray(groups))
+    point = detector_figures(labels, probabilities, list(cases), threshold)
+    intervals = {}
+    for key in point:
+        interval = percentile_ci([sample[key] for sample in samples], n_boot)
+        intervals[key] = list(interval) if interval else None
+    return intervals
+
+
 def band_labels(edges: Sequence[float], unit: str) -> list[str]:
     """The names of the bands that ascending `edges` cut: "< 1 mL", "1-3 mL", ">= 3 mL"."""
     return [f"< {edges[0]:g} {unit}", *(f"{low:g}-{high:g} {unit}" for low, high in itertools.pairwise(edges)),

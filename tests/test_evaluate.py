@@ -245,6 +245,30 @@ def test_detector_figures_count_false_positives_on_controls_only():
                        "dice": 0.25, "false_positive_clusters_per_control": 0.5}
 
 
+def test_detector_figures_ci_brackets_the_figures_and_resamples_groups_whole():
+    rng = np.random.default_rng(0)
+    labels = [1] * 12 + [0] * 12
+    probabilities = np.r_[rng.uniform(0.3, 1.0, 12), rng.uniform(0.0, 0.7, 12)]
+    cases = ([{"n_clusters": 1, "n_false_positive": 0, "detected": bool(i % 3), "dice": 0.4} for i in range(12)]
+             + [{"n_clusters": i % 2, "n_false_positive": i % 2, "detected": None, "dice": None} for i in range(12)])
+    point = evaluate.detector_figures(labels, probabilities, cases, threshold=0.5)
+    intervals = evaluate.detector_figures_ci(labels, probabilities, cases, threshold=0.5, n_boot=300)
+    assert set(intervals) == set(point)
+    for key, (low, high) in intervals.items():
+        assert low <= point[key] <= high
+    assert intervals["auroc"][1] - intervals["auroc"][0] > 0.1  # 24 participants cannot pin AUROC down
+    assert intervals["dice"] == [pytest.approx(0.4), pytest.approx(0.4)]
+    # Three implanted copies of one brain move together: brains 0 and 2 of four are found, so resampling whole
+    # brains can draw none or all of them found (1 in 16 each), whereas 12 independent rows almost never can.
+    brains = [f"brain{i // 3}" for i in range(12)] * 2
+    grouped_cases = ([{"n_clusters": 1, "n_false_positive": 0, "detected": i // 3 % 2 == 0, "dice": 0.4}
+                      for i in range(12)] + cases[12:])
+    grouped = evaluate.detector_figures_ci(labels, probabilities, grouped_cases, 0.5, groups=brains, n_boot=300)
+    assert grouped["detection_rate"] == [0.0, 1.0]
+    independent = evaluate.detector_figures_ci(labels, probabilities, grouped_cases, 0.5, n_boot=300)
+    assert 0.0 < independent["detection_rate"][0] and independent["detection_rate"][1] < 1.0
+
+
 def test_volume_bands_and_detection_by_volume():
     assert [evaluate.band_label(v, (1.0, 3.0), "mL") for v in (0.5, 1.0, 2.9, 3.0, 8.0)] == [
         "< 1 mL", "1-3 mL", "1-3 mL", ">= 3 mL", ">= 3 mL"]
