@@ -25,7 +25,13 @@ import numpy as np
 import torch
 
 from bids_fcd.cache import load_or_preprocess
-from bids_fcd.evaluate import bootstrap_samples, detector_figures, detector_figures_ci, lesion_case, percentile_ci
+from bids_fcd.evaluate import (
+    bootstrap_samples,
+    detector_figures,
+    detector_figures_ci,
+    lesion_case,
+    percentile_ci,
+)
 from bids_fcd.infer import predict
 from bids_fcd.inputs import discover
 from bids_fcd.models import load_checkpoint

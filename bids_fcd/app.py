@@ -33,9 +33,14 @@ def selected_subjects(bids_dir: Path, participant_labels: list[str] | None) -> l
 def run_app(args: argparse.Namespace) -> int:
     bids_dir, output_dir = args.bids_dir, args.output_dir
     if not args.skip_bids_validator:
-        from bids_fcd.validation import validate_input
+        from bids_fcd.validation import ValidatorError, validate_input
 
-        result = validate_input(bids_dir, selected_subjects(bids_dir, args.participant_label))
+        try:
+            result = validate_input(bids_dir, selected_subjects(bids_dir, args.participant_label))
+        except ValidatorError as err:
+            log.error("BIDS validation of %s could not run: %s\nFix the validator's environment, or rerun with "
+                      "--skip_bids_validator.", bids_dir, err)
+            return cli.EXIT_VALIDATION
         if result.blocking:
             log.error("BIDS validation failed for %s with %d error(s) in the selected participants or "
                       "dataset_description.json:\n%s\nFix them, or rerun with --skip_bids_validator.",
@@ -71,7 +76,7 @@ def run_participants(args: argparse.Namespace, units: list[Participant]) -> int:
     settings = ParticipantSettings(
         bids_dir=Path(os.path.abspath(args.bids_dir)), output_dir=args.output_dir.resolve(), work_dir=work_dir,
         model_path=Path(model_path).resolve(), device=args.device, n_threads=max(1, args.n_cpus // n_workers),
-        seed=args.seed,        n_passes=args.n_passes,
+        seed=args.seed, n_passes=args.n_passes,
     )
     log.info("participant level: %d unit(s), %d process(es) x %d thread(s)", len(units), n_workers,
              settings.n_threads)

@@ -66,7 +66,7 @@ def build_parser() -> Parser:
                         help="CPU cores to use; participants run in parallel processes (default: 1)")
     parser.add_argument("--work_dir", type=Path, metavar="DIR",
                         help="scratch space (default: OUTPUT_DIR/work, removed on success)")
-    parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, metavar="N", help="random seed, 0 to 2^32 - 1 (default: 0)")
     parser.add_argument("--n_passes", type=positive_int, default=DEFAULT_N_PASSES, metavar="N",
                         help="stochastic passes (test-time flips, MC dropout) for the uncertainty map "
                              f"(default: {DEFAULT_N_PASSES}, as the shipped model's thresholds were chosen)")
@@ -138,6 +138,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """A seed every random generator used here accepts (numpy's legacy seeding stops at 2^32 - 1)."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2^32 - 1, got {value}")
+    return value
+
+
 def setup_logging(verbose: bool = True) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -145,20 +153,25 @@ def setup_logging(verbose: bool = True) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def check_paths(bids_dir: Path, output_dir: Path) -> int:
-    """The contract's path checks, in order: input present (66), output creatable and outside it (73)."""
+def check_paths(bids_dir: Path, output_dir: Path, work_dir: Path | None = None) -> int:
+    """The contract's path checks, in order: input present (66), output (and --work_dir) creatable and outside
+    the input (73): the app never writes into the dataset it reads."""
     if not bids_dir.is_dir() or not (bids_dir / "dataset_description.json").is_file():
         log.error("BIDS_DIR %s does not exist or has no dataset_description.json", bids_dir)
         return EXIT_MISSING_INPUT
-    bids_resolved, output_resolved = bids_dir.resolve(), output_dir.resolve()
-    if output_resolved == bids_resolved or bids_resolved in output_resolved.parents:
-        log.error("OUTPUT_DIR %s must not be BIDS_DIR or inside it", output_dir)
-        return EXIT_CANNOT_CREATE_OUTPUT
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        log.error("cannot create OUTPUT_DIR %s: %s", output_dir, err)
-        return EXIT_CANNOT_CREATE_OUTPUT
+    bids_resolved = bids_dir.resolve()
+    for option, folder in (("OUTPUT_DIR", output_dir), ("--work_dir", work_dir)):
+        if folder is None:
+            continue
+        resolved = folder.resolve()
+        if resolved == bids_resolved or bids_resolved in resolved.parents:
+            log.error("%s %s must not be BIDS_DIR or inside it", option, folder)
+            return EXIT_CANNOT_CREATE_OUTPUT
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            log.error("cannot create %s %s: %s", option, folder, err)
+            return EXIT_CANNOT_CREATE_OUTPUT
     return EXIT_OK
 
 
@@ -181,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.analysis_level not in ANALYSIS_LEVELS:
         log.error("unknown analysis level %r: choose participant or group", args.analysis_level)
         return EXIT_UNKNOWN_LEVEL
-    code = check_paths(args.bids_dir, args.output_dir)
+    code = check_paths(args.bids_dir, args.output_dir, args.work_dir)
     if code:
         return code
 

@@ -127,11 +127,15 @@ def bids_uri(relative_to_raw: Path) -> str:
 
 
 def container_info() -> dict | None:
-    """Docker or Apptainer/Singularity when we run inside one (for GeneratedBy.Container)."""
+    """Docker or Apptainer/Singularity when we run inside one (for GeneratedBy.Container).
+
+    Docker is known from the variable our image sets, not from /.dockerenv: that file is in every Docker
+    container, and a pip install inside some other image is not our image.
+    """
     if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
         return {"Type": "apptainer", "URI": os.environ.get("APPTAINER_CONTAINER")
                 or os.environ.get("SINGULARITY_CONTAINER")}
-    if Path("/.dockerenv").exists() or os.environ.get("BIDS_FCD_CONTAINER") == "docker":
+    if os.environ.get("BIDS_FCD_CONTAINER") == "docker":
         return {"Type": "docker", "Tag": f"{DOCKER_IMAGE}:{__version__}"}
     return None
 
@@ -141,7 +145,7 @@ def source_dataset_entry(bids_dir: Path) -> dict:
     description_path = Path(bids_dir) / "dataset_description.json"
     description = json.loads(description_path.read_text(encoding="utf-8-sig"))
     entry = {"URL": Path(bids_dir).resolve().as_uri()}
-    doi = description.get("DatasetDOI")
+    doi = str(description.get("DatasetDOI") or "").strip()  # a number in some datasets' JSON
     if doi:
         entry["DOI"] = doi if doi.startswith("doi:") else f"doi:{doi}"
     return entry

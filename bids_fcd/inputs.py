@@ -17,6 +17,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from bids import BIDSLayout
+from bids.exceptions import BIDSValidationError
+from bids.layout import Config
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,9 @@ LABEL_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
 MODALITY_SUFFIX = {"t1w": "T1w", "flair": "FLAIR"}
 MASK_SUFFIXES = ("_roi.nii.gz", "_roi.nii", "_label-lesion_mask.nii.gz", "_label-FCD_mask.nii.gz")
 DESCRIPTIVE_ENTITIES = ("acquisition", "ceagent", "reconstruction", "run")
+# Query keys the app sets itself for each participant: a filter may only narrow within them, so that one
+# participant's outputs can never come from another participant's (or another modality's) image.
+FIXED_QUERY_KEYS = ("subject", "session", "suffix", "datatype", "extension")
 
 
 class InputError(Exception):
@@ -50,6 +55,7 @@ class Participant:
     label: int | None = None  # 1 FCD, 0 control, None unknown (n/a or absent)
     split: str | None = None
     metadata: dict = field(default_factory=dict)  # participants.tsv row + scanner sidecar fields
+    filtered_out: dict = field(default_factory=dict)  # suffix -> file names that --bids_filter_file excluded
 
     @property
     def name(self) -> str:
@@ -95,6 +101,16 @@ def read_filter_file(path: Path | None) -> dict:
     if unknown:
         raise InputError(f"--bids_filter_file {path}: unknown modality keys {sorted(unknown)}; "
                          f"known: {sorted(MODALITY_SUFFIX)}", 64)
+    entities = set(Config.load("bids").entities)
+    for modality, query in filters.items():
+        fixed = sorted(set(query) & set(FIXED_QUERY_KEYS))
+        if fixed:
+            raise InputError(f"--bids_filter_file {path}: {modality!r} sets {fixed}, which the app sets itself "
+                             "for each participant (use --participant_label / --session_label to select)", 64)
+        not_entities = sorted(set(query) - entities)
+        if not_entities:
+            raise InputError(f"--bids_filter_file {path}: {modality!r} queries {not_entities}, which are not "
+                             f"BIDS entities; known: {sorted(entities - set(FIXED_QUERY_KEYS))}", 64)
     return filters
 
 
@@ -103,7 +119,13 @@ def read_participants_table(bids_dir: Path) -> pd.DataFrame:
     path = Path(bids_dir) / "participants.tsv"
     if not path.is_file():
         return pd.DataFrame()
-    table = pd.read_csv(path, sep="\t", dtype=str, encoding="utf-8-sig", keep_default_na=False)
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, encoding="utf-8-sig", keep_default_na=False)
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); BIDS tables are UTF-8", 65) \
+            from err
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
+        raise InputError(f"{path}: not a readable tab-separated table ({err})", 65) from err
     table.columns = [column.strip() for column in table.columns]
     if "participant_id" not in table.columns:
         raise InputError(f"{path}: no participant_id column", 66)
@@ -211,6 +233,14 @@ def sidecar_metadata(layout: BIDSLayout, bids_file, prefix: str) -> dict:
     return found
 
 
+def open_layout(bids_dir: Path) -> BIDSLayout:
+    """The dataset's pybids layout; a dataset_description.json pybids cannot use is bad input (65), named."""
+    try:
+        return BIDSLayout(str(bids_dir), validate=True)
+    except (BIDSValidationError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise InputError(f"{Path(bids_dir) / 'dataset_description.json'}: {err}", 65) from err
+
+
 def discover(bids_dir: Path, participant_labels: list[str] | None = None, session_labels: list[str] | None = None,
              filters: dict | None = None, label_spec: LabelSpec = LabelSpec(),
              layout: BIDSLayout | None = None) -> list[Participant]:
@@ -221,7 +251,7 @@ def discover(bids_dir: Path, participant_labels: list[str] | None = None, sessio
     """
     bids_dir = Path(bids_dir)
     filters = filters or {}
-    layout = layout or BIDSLayout(str(bids_dir), validate=True)
+    layout = layout or open_layout(bids_dir)
     subjects = sorted(layout.get_subjects())
     if participant_labels:
         unknown = [label for label in participant_labels if label not in subjects]
@@ -233,16 +263,17 @@ def discover(bids_dir: Path, participant_labels: list[str] | None = None, sessio
     if label_spec.column not in table.columns and not table.empty:
         log.info("participants.tsv has no %r column: labels unknown", label_spec.column)
 
-    units = []
-    for subject in subjects:
-        sessions = layout.get_sessions(subject=subject) or [None]
-        if session_labels:
-            sessions = [s for s in sessions if s in session_labels]
-        for session in sessions:
-            units.append(build_participant(layout, bids_dir, subject, session, filters, table, label_spec))
-    if session_labels and not units:
-        raise InputError(f"--session_label {' '.join(session_labels)} selects no session of the selected "
-                         "participants", 18)
+    sessions_of = {subject: layout.get_sessions(subject=subject) or [None] for subject in subjects}
+    if session_labels:
+        present = {session for sessions in sessions_of.values() for session in sessions}
+        unknown = [label for label in session_labels if label not in present]
+        if unknown:
+            raise InputError("--session_label: no such session(s) in the selected participants: "
+                             + ", ".join(f"ses-{label}" for label in unknown), 18)
+        sessions_of = {subject: [s for s in sessions if s in session_labels]
+                       for subject, sessions in sessions_of.items()}
+    units = [build_participant(layout, bids_dir, subject, session, filters, table, label_spec)
+             for subject in subjects for session in sessions_of[subject]]
     if not units:
         raise InputError(f"no participants found in {bids_dir}", 18)
     for modality, query in filters.items():
@@ -255,16 +286,12 @@ def build_participant(layout: BIDSLayout, bids_dir: Path, subject: str, session:
                       table: pd.DataFrame, label_spec: LabelSpec) -> Participant:
     """Choose one T1w and one FLAIR (filters applied), pair the lesion mask, attach label and metadata."""
     unit = f"sub-{subject}" + (f"_ses-{session}" if session else "")
-    chosen = {}
+    chosen, filtered_out = {}, {}
     for modality, suffix in MODALITY_SUFFIX.items():
-        query = {"subject": subject, "suffix": suffix, "extension": [".nii", ".nii.gz"], "datatype": "anat",
-                 **filters.get(modality, {})}
-        if session:
-            query["session"] = session
-        candidates = layout.get(**query)
-        if session is None:
-            candidates = [c for c in candidates if "session" not in c.entities]
-        chosen[modality] = choose_image(candidates, suffix, unit)
+        chosen[modality] = choose_image(anat_images(layout, subject, session, suffix, filters.get(modality, {})),
+                                        suffix, unit)
+        if chosen[modality] is None and filters.get(modality):
+            filtered_out[suffix] = [f.filename for f in anat_images(layout, subject, session, suffix, {})]
     t1w, flair = chosen["t1w"], chosen["flair"]
     t1w_path = Path(t1w.path) if t1w else None
     flair_path = Path(flair.path) if flair else None
@@ -280,8 +307,17 @@ def build_participant(layout: BIDSLayout, bids_dir: Path, subject: str, session:
         subject=subject, session=session, t1w=t1w_path, flair=flair_path,
         t1w_entities=descriptive_entities(t1w), flair_entities=descriptive_entities(flair),
         lesion_mask=mask, lesion_mask_space=mask_space, label=label_from_row(row, label_spec),
-        split=split if split in ("train", "test") else None, metadata=metadata,
+        split=split if split in ("train", "test") else None, metadata=metadata, filtered_out=filtered_out,
     )
+
+
+def anat_images(layout: BIDSLayout, subject: str, session: str | None, suffix: str, narrowing: dict) -> list:
+    """The participant's (and session's) anat images of `suffix`, narrowed by a --bids_filter_file query."""
+    query = {"subject": subject, "suffix": suffix, "extension": [".nii", ".nii.gz"], "datatype": "anat"}
+    if session:
+        query["session"] = session
+    found = layout.get(**query, **narrowing)
+    return found if session else [f for f in found if "session" not in f.entities]
 
 
 def descriptive_entities(bids_file) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 
 from bids_fcd import __version__
 from bids_fcd.config import TEMPLATE_SPACE, ModelConfig
-from bids_fcd.derivatives import bids_uri, derivative_path, safe_join, write_json, write_nifti
+from bids_fcd.derivatives import bids_uri, derivative_path, safe_join, write_json, write_nifti, write_text
 from bids_fcd.inputs import Participant
 
 log = logging.getLogger("bids_fcd.participant")
@@ -64,10 +64,18 @@ def exit_code_for(error: Exception) -> int:
 
 
 def run_participant(unit: Participant, settings: ParticipantSettings) -> UnitResult:
-    """Process one unit with its own log file; never raises, so one failure cannot stop the others."""
+    """Process one unit with its own log file; never raises, so one failure cannot stop the others.
+
+    A success removes the crash file an earlier failed run of the unit left, so that logs/ never reports a
+    failure its outputs no longer show.
+    """
     logs_dir = settings.output_dir / "logs"
-    logs_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(logs_dir / f"{unit.name}.log", mode="w")
+    crash_file = logs_dir / f"crash-{unit.name}.txt"
+    try:
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(logs_dir / f"{unit.name}.log", mode="w")
+    except OSError as error:
+        return UnitResult(unit.name, exit_code_for(error), f"cannot write its log in {logs_dir}: {error}")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -75,13 +83,14 @@ def run_participant(unit: Participant, settings: ParticipantSettings) -> UnitRes
     try:
         started = time.perf_counter()
         summary = process(unit, settings)
+        crash_file.unlink(missing_ok=True)
         log.info("%s finished in %.1f s", unit.name, time.perf_counter() - started)
         return UnitResult(unit.name, 0, summary)
     except Exception as error:  # noqa: BLE001 - every failure is recorded, with its code, for the summary
         code = exit_code_for(error)
         log.error("%s failed: %s", unit.name, error)
-        (logs_dir / f"crash-{unit.name}.txt").write_text(
-            f"{unit.name} failed with exit code {code}\n{error}\n\n{traceback.format_exc()}")
+        with contextlib.suppress(OSError):  # the summary still names the failure
+            write_text(crash_file, f"{unit.name} failed with exit code {code}\n{error}\n\n{traceback.format_exc()}")
         return UnitResult(unit.name, code, str(error))
     finally:
         root.removeHandler(handler)
@@ -90,10 +99,17 @@ def run_participant(unit: Participant, settings: ParticipantSettings) -> UnitRes
 
 def require_images(unit: Participant, channels: tuple[str, ...]) -> None:
     folder = f"sub-{unit.subject}" + (f"/ses-{unit.session}" if unit.session else "") + "/anat"
+
+    def absent(suffix: str) -> str:
+        excluded = unit.filtered_out.get(suffix)
+        if excluded:
+            return f"no {suffix} image in {folder} passes the --bids_filter_file query (it excludes {excluded})"
+        return f"no {suffix} image found in {folder}"
+
     if unit.t1w is None:
-        raise MissingImageError(f"{unit.name}: no T1w image found in {folder}")
+        raise MissingImageError(f"{unit.name}: {absent('T1w')}")
     if "FLAIR" in channels and unit.flair is None:
-        raise MissingImageError(f"{unit.name}: no FLAIR image found in {folder}; the model needs T1w and FLAIR")
+        raise MissingImageError(f"{unit.name}: {absent('FLAIR')}; the model needs T1w and FLAIR")
 
 
 def process(unit: Participant, settings: ParticipantSettings) -> str:

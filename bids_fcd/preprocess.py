@@ -29,6 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from bids_fcd.derivatives import atomic_path
 from bids_fcd.template import Grid, load_template
 
 ROBUST_PERCENTILES = (1.0, 99.0)
@@ -463,8 +464,10 @@ def template_points_to_scanner(points_mm: np.ndarray, pre: Preprocessed) -> np.n
 
 
 def write_transform(xfm: sitk.Transform, path: Path) -> None:
-    """Write a transform as ITK text (`#Insight Transform File V1.0`), readable by antsApplyTransforms."""
-    sitk.WriteTransform(xfm, str(path))
+    """Write a transform as ITK text (`#Insight Transform File V1.0`), readable by antsApplyTransforms;
+    atomically, like every output."""
+    with atomic_path(path) as temporary:
+        sitk.WriteTransform(xfm, str(temporary))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -539,7 +542,8 @@ def qc_figures(pre: Preprocessed, out_dir: Path, prefix: str) -> dict[str, Path]
         legend = ", ".join(f"{colour}: {label}" for _, _, colour, label in contours)
         fig.suptitle(f"{prefix}: {name.replace('_', ' ')} ({legend})", color="white", fontsize=9)
         path = out_dir / f"{prefix}_desc-{name.replace('_', '')}_qc.svg"
-        fig.savefig(path, facecolor="black", bbox_inches="tight")
+        with atomic_path(path) as temporary:
+            fig.savefig(temporary, facecolor="black", bbox_inches="tight", format="svg")
         paths[name] = path
     return paths
 

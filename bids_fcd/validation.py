@@ -18,6 +18,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+class ValidatorError(Exception):
+    """The validator is missing, crashed or timed out: the input could not be validated."""
+
+
 @dataclass
 class ValidationResult:
     blocking: list[dict]  # issues that stop the run
@@ -36,21 +40,21 @@ def validator_command() -> list[str]:
     beside = Path(sys.executable).parent / "bids-validator-deno"
     found = str(beside) if beside.exists() else shutil.which("bids-validator-deno")
     if not found:
-        raise FileNotFoundError("bids-validator-deno is not installed (pip install bids-validator-deno); "
-                                "or run with --skip_bids_validator")
+        raise ValidatorError("bids-validator-deno is not installed (pip install bids-validator-deno)")
     return [found]
 
 
 def run_validator(dataset: Path, extra_args: tuple[str, ...] = ()) -> list[dict]:
     """All issues the validator reports for `dataset`, as its JSON gives them."""
-    completed = subprocess.run([*validator_command(), str(dataset), "--format", "json", *extra_args],
-                               check=False, capture_output=True, text=True, timeout=1800)
     try:
-        report = json.loads(completed.stdout)
-    except json.JSONDecodeError as err:
-        raise RuntimeError(f"bids-validator-deno gave no JSON report (exit {completed.returncode}): "
-                           f"{completed.stderr.strip()[:500]}") from err
-    return report["issues"]["issues"]
+        completed = subprocess.run([*validator_command(), str(dataset), "--format", "json", *extra_args],
+                                   check=False, capture_output=True, text=True, timeout=1800)
+        return json.loads(completed.stdout)["issues"]["issues"]
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ValidatorError(f"bids-validator-deno did not run: {err}") from err
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValidatorError(f"bids-validator-deno gave no JSON report (exit {completed.returncode}): "
+                             f"{completed.stderr.strip()[:500]}") from err
 
 
 def is_blocking(issue: dict, subjects: list[str]) -> bool:

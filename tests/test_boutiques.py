@@ -42,10 +42,12 @@ def expected_input(action: argparse.Action) -> dict:
     if isinstance(action, argparse._StoreTrueAction):
         expected["type"] = "Flag"
         return expected
-    if action.type in (int, cli.positive_int):
+    if action.type in (int, cli.positive_int, cli.seed_int):
         expected.update({"type": "Number", "integer": True})
         if action.type is cli.positive_int:
             expected["minimum"] = 1
+        if action.type is cli.seed_int:
+            expected.update({"minimum": 0, "maximum": 2**32 - 1})
     elif action.type is float:
         expected["type"] = "Number"
     elif action.type is not Path:
@@ -83,7 +85,7 @@ def test_input_type_list_choices_and_default_match_the_parser(flag):
         assert described.get(key) == value, f"{flag}: {key} is {described.get(key)!r}, the parser says {value!r}"
     if action.type is Path:
         assert described["type"] in ("File", "String")
-    for key in ("integer", "minimum", "list", "value-choices", "default-value"):
+    for key in ("integer", "minimum", "maximum", "list", "value-choices", "default-value"):
         if key not in expected_input(action):
             assert key not in described or (key == "integer" and described[key] is False), f"{flag}: stray {key}"
 

@@ -29,7 +29,8 @@ def test_version_comes_from_the_version_file(capsys):
 
 
 @pytest.mark.parametrize("extra", [["--no_such_option"], ["--n_cpus", "0"], ["--device", "tpu"],
-                                   ["--participant_label", "../etc"], ["--bids_filter_file", "/no/such.json"]])
+                                   ["--participant_label", "../etc"], ["--bids_filter_file", "/no/such.json"],
+                                   ["--seed", "-1"], ["--seed", str(2**32)]])
 def test_usage_errors_exit_64_not_argparse_2(bids_dir, tmp_path, extra):
     assert main([str(bids_dir), str(tmp_path / "out"), "participant", *extra]) == 64
 
@@ -65,6 +66,22 @@ def test_output_below_a_regular_file_is_73(bids_dir, tmp_path):
 @pytest.mark.parametrize("inside", ["", "derivatives/fcd"])
 def test_output_equal_to_or_inside_input_is_73(bids_dir, inside):
     assert main([str(bids_dir), str(bids_dir / inside), "participant"]) == 73
+
+
+def test_work_dir_below_a_file_or_inside_the_input_is_73(bids_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for work_dir in (blocker / "work", bids_dir / "scratch"):
+        assert main([str(bids_dir), str(tmp_path / "out"), "participant", "--work_dir", str(work_dir)]) == 73
+    assert not (bids_dir / "scratch").exists()
+
+
+def test_a_validator_that_cannot_run_is_16_with_the_hint(bids_dir, tmp_path, caplog, monkeypatch):
+    from bids_fcd import validation
+
+    monkeypatch.setattr(validation, "validator_command", lambda: ["echo", "no JSON here"])
+    assert main([str(bids_dir), str(tmp_path / "out"), "participant"]) == 16
+    assert "could not run" in caplog.text and "--skip_bids_validator" in caplog.text
 
 
 def test_validation_errors_in_a_selected_participant_are_16(bids_dir, tmp_path, caplog):

@@ -16,6 +16,7 @@ from bids_fcd.derivatives import (
     derivative_path,
     init_output_dataset,
     safe_join,
+    source_dataset_entry,
     write_json,
     write_nifti,
 )
@@ -127,3 +128,10 @@ def test_dataset_description_names_generator_and_source(tmp_path):
     assert description["SourceDatasets"][0]["URL"].startswith("file://")
     ignored = (out / ".bidsignore").read_text().split()
     assert ignored.count("*_xfm.*") == 1 and "cache" in ignored and "group" in ignored
+
+
+def test_a_numeric_dataset_doi_is_still_a_doi(tmp_path):
+    bids_dir = make_dataset(tmp_path / "bids", {"sub-01": ["anat/sub-01_T1w.nii.gz"]})
+    (bids_dir / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.9.0",
+                                                                    "DatasetDOI": 10.18112}))
+    assert source_dataset_entry(bids_dir)["DOI"] == "doi:10.18112"

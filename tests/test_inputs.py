@@ -111,6 +111,10 @@ def test_sessions_are_separate_units_and_can_be_restricted(tmp_path):
     with pytest.raises(InputError) as info:
         discover(root, session_labels=["nope"])
     assert info.value.exit_code == 18
+    # One unknown label among known ones is still named, not silently dropped.
+    with pytest.raises(InputError, match="ses-nope") as info:
+        discover(root, session_labels=["pre", "nope"])
+    assert info.value.exit_code == 18
 
 
 def test_label_column_and_positive_value_are_configurable_and_na_is_excluded(tmp_path):
@@ -137,11 +141,47 @@ def test_missing_flair_is_reported_as_none_not_an_error(tmp_path):
     assert unit.flair is None and unit.t1w is not None
 
 
-@pytest.mark.parametrize("content,match", [("not json", "cannot read"), (json.dumps({"bold": {}}), "unknown"),
-                                           (json.dumps({"t1w": 3}), "object of objects")])
+@pytest.mark.parametrize("content,match", [
+    ("not json", "cannot read"), (json.dumps({"bold": {}}), "unknown"), (json.dumps({"t1w": 3}), "object of objects"),
+    # Keys the app sets per participant: overriding them would give sub-01's outputs sub-02's images.
+    (json.dumps({"t1w": {"subject": "02"}, "flair": {"subject": "02"}}), r"\['subject'\]"),
+    (json.dumps({"t1w": {"suffix": "FLAIR"}}), "suffix"),
+    (json.dumps({"t1w": {"acquisition": "a", "foo": "bar"}}), r"\['foo'\], which are not BIDS entities")])
 def test_bad_filter_file_is_a_usage_error(tmp_path, content, match):
     path = tmp_path / "filter.json"
     path.write_text(content)
     with pytest.raises(InputError, match=match) as info:
         read_filter_file(path)
     assert info.value.exit_code == 64
+
+
+def test_filter_that_excludes_a_participants_images_says_so(tmp_path):
+    from bids_fcd.participant import MissingImageError, require_images
+
+    root = make_dataset(tmp_path / "bids", {
+        "sub-01": ["anat/sub-01_acq-a_T1w.nii.gz", "anat/sub-01_FLAIR.nii.gz"],
+        "sub-02": ["anat/sub-02_acq-b_T1w.nii.gz", "anat/sub-02_FLAIR.nii.gz"]})
+    first, second = discover(root, filters={"t1w": {"acquisition": "a"}})
+    assert first.t1w.name == "sub-01_acq-a_T1w.nii.gz" and second.t1w is None
+    with pytest.raises(MissingImageError, match=r"passes the --bids_filter_file query \(it excludes "
+                                                 r"\['sub-02_acq-b_T1w.nii.gz'\]\)"):
+        require_images(second, ("T1w", "FLAIR"))
+
+
+@pytest.mark.parametrize("content,match", [(b"participant_id\tgroup\nsub-01\tf\xe9d\n", "not UTF-8"),
+                                           (b"", "not a readable tab-separated table")])
+def test_unreadable_participants_table_is_bad_input_naming_it(tmp_path, content, match):
+    root = make_dataset(tmp_path / "bids", {"sub-01": ["anat/sub-01_T1w.nii.gz", "anat/sub-01_FLAIR.nii.gz"]})
+    (root / "participants.tsv").write_bytes(content)
+    with pytest.raises(InputError, match=f"participants.tsv: {match}") as info:
+        discover(root)
+    assert info.value.exit_code == 65
+
+
+@pytest.mark.parametrize("description", ["{not json", json.dumps({"BIDSVersion": "1.9.0"})])
+def test_dataset_description_pybids_cannot_use_is_bad_input_naming_it(tmp_path, description):
+    root = make_dataset(tmp_path / "bids", {"sub-01": ["anat/sub-01_T1w.nii.gz", "anat/sub-01_FLAIR.nii.gz"]})
+    (root / "dataset_description.json").write_text(description)
+    with pytest.raises(InputError, match="dataset_description.json") as info:
+        discover(root)
+    assert info.value.exit_code == 65

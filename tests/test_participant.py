@@ -164,3 +164,23 @@ def test_output_folder_blocked_by_a_file_is_an_io_error_74(tmp_path, tiny_model,
     (out / "sub-00001").write_text("a file where the participant's folder must go")
     assert main([str(cohort), str(out), "participant", "--model", str(tiny_model), "--skip_bids_validator",
                  "--participant_label", "00001", "--n_passes", "1"]) == 74
+
+
+def test_a_blocked_logs_folder_is_recorded_as_74_not_raised(tmp_path, tiny_model, cohort):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "logs").write_text("a file where the logs folder must go")
+    assert main([str(cohort), str(out), "participant", "--model", str(tiny_model), "--skip_bids_validator",
+                 "--participant_label", "00001", "--n_passes", "1"]) == 74
+
+
+def test_a_rerun_that_succeeds_removes_the_earlier_crash_file(tmp_path, tiny_model, cohort):
+    out = tmp_path / "out"
+    args = [str(cohort), str(out), "participant", "--skip_bids_validator", "--participant_label", "00001",
+            "--n_passes", "1"]
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    assert main([*args, "--model", str(broken)]) != 0
+    assert (out / "logs" / "crash-sub-00001.txt").is_file()
+    assert main([*args, "--model", str(tiny_model)]) == 0
+    assert not (out / "logs" / "crash-sub-00001.txt").exists()

@@ -246,6 +246,29 @@ def test_write_transform_is_itk_text_that_reads_back_identically(tmp_path):
     np.testing.assert_allclose(transform_matrix(sitk.ReadTransform(str(path))), transform_matrix(xfm), atol=1e-9)
 
 
+def test_transform_and_qc_figure_writes_are_atomic(tmp_path, monkeypatch):
+    """A crash mid-write leaves nothing under the final name, which would look like a finished output."""
+    def crash_mid_write(*args, **kwargs):
+        Path(args[1] if len(args) > 1 else args[0]).write_text("#Insight Transform File V1.0\n# half")
+        raise OSError("disk full")
+
+    path = tmp_path / "from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt"
+    monkeypatch.setattr(preprocess_module.sitk, "WriteTransform", crash_mid_write)
+    with pytest.raises(OSError):
+        write_transform(rigid_lps(7.0, 2, (3.0, -2.0, 5.0)), path)
+    assert list(tmp_path.iterdir()) == []
+
+    def savefig_crash(self, target, **kwargs):
+        Path(target).write_text("<svg")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", savefig_crash)
+    pre = synthetic_preprocessed(sitk.AffineTransform(3), flair=False)
+    with pytest.raises(OSError):
+        qc_figures(pre, tmp_path / "figures", "sub-01")
+    assert list((tmp_path / "figures").iterdir()) == []
+
+
 def test_compose_applies_first_then_second():
     first, then = rigid_lps(10.0, 0, (1.0, 2.0, 3.0)), rigid_lps(-5.0, 1, (-4.0, 0.0, 2.0))
     point = (12.0, -7.0, 30.0)
