@@ -148,9 +148,10 @@ def predict_and_write(unit: Participant, settings: ParticipantSettings, device) 
     require_images(unit, config.channels)
     grid = model_grid(config.grid_spacing_mm, config.grid_shape)
 
+    writer = UnitWriter(unit, settings)
+    writer.withdraw_finished_marks()
     pre = cache.load_or_preprocess(settings.output_dir / "cache", unit.t1w, unit.flair, grid,
                                    n_threads=settings.n_threads, logger=log)
-    writer = UnitWriter(unit, settings)
     writer.write_preprocessed(pre, config)
 
     channels = preprocess.channels_array(pre, config.channels)
@@ -195,6 +196,13 @@ class UnitWriter:
     def source_uri(self, image: Path) -> str:
         """Not resolve(): DataLad inputs are symlinks into .git/annex, and the URI must name the BIDS path."""
         return bids_uri(Path(os.path.abspath(image)).relative_to(self.settings.bids_dir))
+
+    def withdraw_finished_marks(self) -> None:
+        """Remove the unit's prediction JSON and report, which a run writes last, before a rerun writes anything:
+        a rerun that then fails cannot pass for a finished run (its crash file says what happened)."""
+        for path in (self.path(self.unit.t1w_entities, desc="fcd", suffix="prediction", extension=".json"),
+                     safe_join(self.settings.output_dir, Path(f"{self.unit.name}.html"))):
+            path.unlink(missing_ok=True)
 
     def write_preprocessed(self, pre, config: ModelConfig) -> None:
         """desc-preproc T1w/FLAIR and the brain mask in template space, with sidecars; both transforms."""

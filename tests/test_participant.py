@@ -174,13 +174,26 @@ def test_a_blocked_logs_folder_is_recorded_as_74_not_raised(tmp_path, tiny_model
                  "--participant_label", "00001", "--n_passes", "1"]) == 74
 
 
-def test_a_rerun_that_succeeds_removes_the_earlier_crash_file(tmp_path, tiny_model, cohort):
+def test_reruns_never_leave_a_failure_looking_finished(tmp_path, tiny_model, cohort, monkeypatch):
     out = tmp_path / "out"
     args = [str(cohort), str(out), "participant", "--skip_bids_validator", "--participant_label", "00001",
             "--n_passes", "1"]
+    crash = out / "logs" / "crash-sub-00001.txt"
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
     assert main([*args, "--model", str(broken)]) != 0
-    assert (out / "logs" / "crash-sub-00001.txt").is_file()
+    assert crash.is_file()
+    # A rerun that succeeds removes the earlier crash file.
     assert main([*args, "--model", str(tiny_model)]) == 0
-    assert not (out / "logs" / "crash-sub-00001.txt").exists()
+    assert not crash.exists()
+    finished = [out / "sub-00001.html", *(out / "sub-00001" / "anat").glob("*_desc-fcd_prediction.json")]
+    assert len(finished) == 2 and all(path.is_file() for path in finished)
+    # A rerun that fails part-way withdraws the earlier run's finishing marks (prediction JSON, report).
+    from bids_fcd import cache
+
+    def disk_error(*args, **kwargs):
+        raise OSError("disk error while preprocessing")
+
+    monkeypatch.setattr(cache, "load_or_preprocess", disk_error)
+    assert main([*args, "--model", str(tiny_model)]) == 74
+    assert crash.is_file() and not any(path.exists() for path in finished)
