@@ -78,7 +78,7 @@ def build_parser() -> Parser:
                        help="participants.tsv column with the diagnosis (default: group)")
     group.add_argument("--positive_label", default="fcd",
                        help="value of --label_column meaning FCD; others are controls, n/a excluded (default: fcd)")
-    group.add_argument("--n_folds", type=positive_int, default=5, help="cross-validation folds (default: 5)")
+    group.add_argument("--n_folds", type=fold_count, default=5, help="cross-validation folds, >= 2 (default: 5)")
     group.add_argument("--epochs", type=positive_int, default=30, help="training epochs per fold (default: 30)")
     group.add_argument("--batch_size", type=positive_int, default=4, help="volumes per step (default: 4)")
     group.add_argument("--learning_rate", type=float, default=None,
@@ -135,6 +135,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def fold_count(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"cross-validation needs at least 2 folds, got {value}")
     return value
 
 

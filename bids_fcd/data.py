@@ -104,21 +104,29 @@ def preprocess_unit(unit: Participant, cache_dir: Path, grid: Grid, channels: tu
     if unit.lesion_mask is not None:
         lesion = mask_to_template(unit.lesion_mask, unit.lesion_mask_space, pre, unit.t1w, unit.flair)
         lesion = lesion.astype(np.float16)
+        if unit.label == 1 and not (lesion >= 0.5).any():
+            # An empty mask on a patient says "lesion unknown", not "no lesion": as "no lesion" every candidate
+            # would count as a false positive and the voxel loss would train the map towards empty.
+            log.warning("%s: lesion mask %s marks no lesion on the model grid: the patient trains the subject "
+                        "head only", unit.name, unit.lesion_mask.name)
+            lesion = None
     return PreparedArrays(channels_array(pre, channels), pre.brain_mask.astype(bool), lesion)
 
 
 def _prepare_safely(unit: Participant, cache_dir: Path, grid: Grid, channels: tuple[str, ...],
-                    n_threads: int) -> PreparedArrays | str:
-    """`preprocess_unit` that returns the error as text: one broken scan must not stop the cohort."""
+                    n_threads: int) -> PreparedArrays | tuple[int, str]:
+    """`preprocess_unit` that returns the failure as (exit code, why): one broken scan must not stop the cohort."""
+    from bids_fcd.participant import exit_code_for
+
     try:
         return preprocess_unit(unit, cache_dir, grid, channels, n_threads)
     except Exception as error:  # noqa: BLE001 - reported per unit, the unit is left out of training
-        return f"{type(error).__name__}: {error}"
+        return exit_code_for(error), f"{type(error).__name__}: {error}"
 
 
 def prepare_samples(units: list[Participant], cache_dir: Path, grid: Grid, channels: tuple[str, ...],
-                    n_cpus: int) -> tuple[list[Sample], dict[str, str]]:
-    """Samples of `units` (in order) and {unit name: why it failed} for those that could not be prepared.
+                    n_cpus: int) -> tuple[list[Sample], dict[str, tuple[int, str]]]:
+    """Samples of `units` (in order) and {unit name: (exit code, why)} for those that could not be prepared.
 
     Units run in `min(n_cpus, len(units))` spawned processes, each with its share of the threads.
     """
@@ -133,9 +141,9 @@ def prepare_samples(units: list[Participant], cache_dir: Path, grid: Grid, chann
             results = list(pool.map(_prepare_safely, *zip(*args)))
     samples, failed = [], {}
     for unit, result in zip(units, results):
-        if isinstance(result, str):
+        if isinstance(result, tuple):
             failed[unit.name] = result
-            log.error("%s: left out of training: %s", unit.name, result)
+            log.error("%s: left out of training (exit %d): %s", unit.name, *result)
             continue
         samples.append(Sample(unit, result.image, result.brain_mask, result.lesion, site_of(unit)))
     return samples, failed
@@ -220,7 +228,7 @@ def plan_splits(samples: list[Sample], n_folds: int, seed: int) -> SplitPlan:
     labels = np.array([s.label for s in samples])
     sites = np.array([s.site for s in samples])
     groups = np.array([s.participant_id for s in samples])
-    official = np.array([s.unit.split == "test" for s in samples])
+    official = np.array([s.unit.split == "test" for s in samples], dtype=bool)
     test_classes = set(labels[official])
     honoured = test_classes == {0, 1}
     warning = None

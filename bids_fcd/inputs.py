@@ -199,21 +199,34 @@ def reference_stem(mask: Path) -> str:
 
 
 def same_grid(a: Path, b: Path) -> bool:
-    img_a, img_b = nib.load(str(a)), nib.load(str(b))
+    """Whether two images share shape and affine (headers only); False when either header is unreadable (the
+    image itself is then reported by the participant level, a mask is skipped)."""
+    try:
+        img_a, img_b = nib.load(str(a)), nib.load(str(b))
+    except (OSError, nib.filebasedimages.ImageFileError, EOFError) as error:
+        log.warning("cannot compare the grids of %s and %s: %s", a.name, b.name, error)
+        return False
     return img_a.shape[:3] == img_b.shape[:3] and np.allclose(img_a.affine, img_b.affine, atol=1e-3)
 
 
 def pair_mask(masks: list[Path], t1w: Path | None, flair: Path | None, unit: str) -> tuple[Path | None, str | None]:
     """Pair a mask with the image whose grid it is on.
 
-    By name first (the mask is in the space of the image it is named after); when that image does not exist
-    (ds004199 sub-00048: a mask named after an `acq-32ch10` FLAIR while the only FLAIR is `acq-T2sel`), by
-    grid: the FLAIR, then the T1w, if shape and affine agree; otherwise the mask is skipped with a warning.
+    By name first (the mask is in the space of the image it is named after), if the grids agree; when that
+    image does not exist (ds004199 sub-00048: a mask named after an `acq-32ch10` FLAIR while the only FLAIR is
+    `acq-T2sel`), by grid: the FLAIR, then the T1w, if shape and affine agree; otherwise the mask is skipped
+    with a warning, and the participant is still predicted and still counts in subject-level metrics.
     """
     for mask in masks:
-        for image, space in ((flair, "FLAIR"), (t1w, "T1w")):
-            if image is not None and stem(image) == reference_stem(mask):
+        named = [(image, space) for image, space in ((flair, "FLAIR"), (t1w, "T1w"))
+                 if image is not None and stem(image) == reference_stem(mask)]
+        for image, space in named:
+            if same_grid(mask, image):
                 return mask, space
+            log.warning("%s: lesion mask %s is not on the grid of %s, the image it is named after", unit,
+                        mask.name, image.name)
+        if named:
+            continue
         for image, space in ((flair, "FLAIR"), (t1w, "T1w")):
             if image is not None and same_grid(mask, image):
                 log.warning("%s: lesion mask %s names an image that does not exist; paired with %s "
@@ -303,6 +316,9 @@ def build_participant(layout: BIDSLayout, bids_dir: Path, subject: str, session:
         if bids_file is not None:
             metadata.update(sidecar_metadata(layout, bids_file, prefix))
     split = str(row["split"]).strip().lower() if row is not None and "split" in row.index else None
+    if split not in (None, "train", "test", "n/a", ""):
+        log.warning("sub-%s: participants.tsv split %r is neither train nor test: treated as unspecified "
+                    "(cross-validated, not held out)", subject, row["split"])
     return Participant(
         subject=subject, session=session, t1w=t1w_path, flair=flair_path,
         t1w_entities=descriptive_entities(t1w), flair_entities=descriptive_entities(flair),

@@ -51,10 +51,12 @@ class UnitResult:
 
 
 def exit_code_for(error: Exception) -> int:
-    """The contract's per-participant codes: 65 bad image, 66 missing image, 74 I/O; anything else 1."""
+    """The contract's per-participant codes: 65 bad image (or model checkpoint), 66 missing image, 74 I/O;
+    anything else 1."""
+    from bids_fcd.models import CheckpointError
     from bids_fcd.preprocess import InvalidImageError
 
-    if isinstance(error, InvalidImageError):
+    if isinstance(error, (InvalidImageError, CheckpointError)):
         return 65
     if isinstance(error, (MissingImageError, FileNotFoundError)):
         return 66

@@ -67,20 +67,36 @@ def training_options(args: argparse.Namespace, fine_tune: bool) -> TrainOptions:
     )
 
 
+class StartingPointError(Exception):
+    """The starting model or the requested network cannot be used; `exit_code` is the contract's code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def starting_point(args: argparse.Namespace) -> tuple[ModelConfig, dict | None]:
     """The starting model's config (grid, channels, architecture) with the command line's overrides, and the
     weights to start from (None: random initialisation).
 
     The starting model is --model, else the shipped model when there is one, else `ModelConfig()`. Its weights
-    are used unless --from_scratch, or the architecture or its parameters were changed.
+    are used unless --from_scratch, or the architecture or its parameters were changed. Checked before any
+    preprocessing, so that a wrong --model or --architecture fails in seconds, not after the cohort:
+    StartingPointError 66 (missing checkpoint), 65 (unreadable checkpoint), 64 (unknown network or parameters).
     """
+    from bids_fcd.models import CheckpointError, build_model, load_checkpoint
     from bids_fcd.participant import DEFAULT_MODEL
 
     path = args.model or (DEFAULT_MODEL if DEFAULT_MODEL.is_file() else None)
     config, state = ModelConfig(), None
     if path is not None:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        config, state = ModelConfig.from_json(checkpoint["config_json"]), checkpoint["state_dict"]
+        try:
+            model, config = load_checkpoint(path)
+        except FileNotFoundError as err:
+            raise StartingPointError(f"--model: {err}", cli.EXIT_MISSING_INPUT) from err
+        except CheckpointError as err:
+            raise StartingPointError(f"--model: {err}", cli.EXIT_BAD_DATA) from err
+        state = model.state_dict()
         log.info("starting model %s (%s, grid %s at %.1f mm)", path, config.architecture, config.grid_shape,
                  config.grid_spacing_mm)
     changes = {}
@@ -97,7 +113,12 @@ def starting_point(args: argparse.Namespace) -> tuple[ModelConfig, dict | None]:
     if path is not None and state is None:
         log.info("training from random initialisation (--from_scratch, or another architecture or "
                  "arch_params)")
-    return config.updated(**changes), state
+    config = config.updated(**changes)
+    try:
+        build_model(config)
+    except (TypeError, ValueError) as err:
+        raise StartingPointError(f"--architecture / --arch_params: {err}", cli.EXIT_USAGE) from err
+    return config, state
 
 
 def select_units(units: list[Participant],
@@ -183,6 +204,32 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def label_diagnosis(units: list[Participant], label_spec: LabelSpec) -> str:
+    """What participants.tsv holds against --label_column / --positive_label: what a user must fix."""
+    columns = sorted({key for unit in units for key in unit.metadata if not key.startswith(("T1w_", "FLAIR_"))})
+    if not any(label_spec.column in unit.metadata for unit in units):
+        return (f"participants.tsv has no column {label_spec.column!r} (--label_column); its columns: "
+                f"{', '.join(columns) or 'none (no participants.tsv?)'}")
+    values = sorted({str(unit.metadata[label_spec.column]).strip() for unit in units
+                     if label_spec.column in unit.metadata})
+    test = sum(unit.split == "test" for unit in units)
+    return (f"column {label_spec.column!r} holds {values}; --positive_label {label_spec.positive!r} marks FCD, "
+            "any other value control, n/a unknown"
+            + (f"; {test} participant(s) with split = test are held out of cross-validation" if test else ""))
+
+
+# What a finished group run leaves, written after training. A rerun withdraws them before it trains, so a run
+# that then fails can never leave the last run's model and metrics beside its own folds as if they belonged.
+FINISHED_OUTPUTS = ("model.pt", "model.json", "predictions.tsv", "metrics.json", "combat_estimates.json",
+                    "report.html", "MODEL_CARD.md")
+
+
+def withdraw_finished_outputs(group_dir: Path) -> None:
+    group_dir.mkdir(parents=True, exist_ok=True)
+    for name in FINISHED_OUTPUTS:
+        (group_dir / name).unlink(missing_ok=True)
+
+
 def failure_code(failed: dict[str, tuple]) -> int:
     """Exit code when nothing could train: the shared code if every unit failed the same way, else 1."""
     codes = {code for code, _ in failed.values()}
@@ -195,17 +242,20 @@ def run_group(args: argparse.Namespace, units: list[Participant], label_spec: La
     from bids_fcd.template import model_grid
 
     dist = DistContext.from_env(select_device(args.device))
-    config, state = starting_point(args)
+    try:
+        config, state = starting_point(args)
+    except StartingPointError as err:
+        log.error("group level: %s", err)
+        return err.exit_code
     options = training_options(args, fine_tune=state is not None)
     set_determinism(args.seed, options.deterministic)
     # --n_cpus is the budget: DataLoader workers plus torch's threads (more threads than cores spin and stall)
     torch.set_num_threads(max(1, args.n_cpus - options.n_workers))
     group_dir = args.output_dir / "group"
-    group_dir.mkdir(parents=True, exist_ok=True)
     usable, failed = select_units(units, config.channels)
     if not usable:
-        log.error("group level: no participant with a label (column %r of participants.tsv) and the images "
-                  "needed", label_spec.column)
+        log.error("group level: no participant with a label and the images needed; %s",
+                  label_diagnosis(units, label_spec))
         return failure_code(failed) if failed else cli.EXIT_EMPTY_SELECTION
 
     grid = model_grid(config.grid_spacing_mm, config.grid_shape)
@@ -216,16 +266,20 @@ def run_group(args: argparse.Namespace, units: list[Participant], label_spec: La
     if dist.is_main:
         dist.barrier()
     failed.update(broken)
+    if not samples:
+        log.error("group level: no participant could be prepared for training")
+        return failure_code(failed)
     try:
         plan = plan_splits(samples, args.n_folds, args.seed)
     except ValueError as err:
-        log.error("group level: %s", err)
-        return failure_code(failed) if not samples and failed else cli.EXIT_EMPTY_SELECTION
+        log.error("group level: %s; %s", err, label_diagnosis(units, label_spec))
+        return cli.EXIT_EMPTY_SELECTION
     for note in plan.notes:
         log.warning("%s", note)
     if plan.warning:
         log.warning("%s", plan.warning)
     if dist.is_main:
+        withdraw_finished_outputs(group_dir)
         write_folds(group_dir / "folds.tsv", samples, plan)
     log.info("group level: %d unit(s) (%d FCD, %d control), %d-fold cross-validation%s; %d left out",
              len(samples), sum(s.label for s in samples), sum(1 - s.label for s in samples), plan.n_folds,
@@ -438,7 +492,8 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
     if report.combat_estimates is not None:
         write_json(run.group_dir / "combat_estimates.json", report.combat_estimates)
     write_json(run.group_dir / "metrics.json", metrics)
-    frame.to_csv(run.group_dir / "predictions.tsv", sep="\t", index=False, na_rep="n/a")
+    with atomic_path(run.group_dir / "predictions.tsv") as temporary:
+        frame.to_csv(temporary, sep="\t", index=False, na_rep="n/a")
 
     final_config = run.config.updated(
         subject_threshold=subject_threshold, voxel_threshold=voxel_threshold,

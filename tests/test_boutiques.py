@@ -42,10 +42,12 @@ def expected_input(action: argparse.Action) -> dict:
     if isinstance(action, argparse._StoreTrueAction):
         expected["type"] = "Flag"
         return expected
-    if action.type in (int, cli.positive_int, cli.seed_int):
+    if action.type in (int, cli.positive_int, cli.fold_count, cli.seed_int):
         expected.update({"type": "Number", "integer": True})
         if action.type is cli.positive_int:
             expected["minimum"] = 1
+        if action.type is cli.fold_count:
+            expected["minimum"] = 2
         if action.type is cli.seed_int:
             expected.update({"minimum": 0, "maximum": 2**32 - 1})
     elif action.type is float:

@@ -19,7 +19,7 @@ import torch
 from bids_fcd import cli, data, evaluate
 from bids_fcd.models import build_model, load_checkpoint, save_checkpoint
 from tests import browser
-from tests.group_factory import TINY_CONFIG, fake_preprocess_unit, write_tiny_bids
+from tests.group_factory import TINY_CONFIG, TINY_GRID, fake_preprocess_unit, write_tiny_bids
 
 N_PARTICIPANTS = 12
 GROUP_ARGS = ["--skip_bids_validator", "--n_folds", "2", "--epochs", "2", "--batch_size", "2", "--n_cpus",
@@ -184,8 +184,18 @@ def test_rerun_resumes_finished_folds_and_reproduces_the_model(group_run, starti
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_split_with_patients_only_in_test_is_warned_and_reported_separately(tmp_path, starting_model):
-    """ds004199's layout: `test` holds only patients. Also: one unlabelled and one FLAIR-less participant."""
+def test_split_with_patients_only_in_test_is_warned_and_reported_separately(tmp_path, starting_model,
+                                                                             monkeypatch):
+    """ds004199's layout: `test` holds only patients. Also: one unlabelled and one FLAIR-less participant, one
+    whose images cannot be preprocessed."""
+    from bids_fcd.preprocess import InvalidImageError
+
+    def preprocess_failing_for_sub_05(unit, *args, preprocess=fake_preprocess_unit):
+        if unit.subject == "05":
+            raise InvalidImageError("sub-05_T1w.nii.gz", "truncated")
+        return preprocess(unit, *args)
+
+    monkeypatch.setattr("tests.test_group.fake_preprocess_unit", preprocess_failing_for_sub_05)
     bids = write_tiny_bids(tmp_path / "bids", 10)
     table = pd.read_csv(bids / "participants.tsv", sep="\t", dtype=str, encoding="utf-8-sig")
     table.loc[table["group"] == "hc", "split"] = "train"
@@ -196,14 +206,16 @@ def test_split_with_patients_only_in_test_is_warned_and_reported_separately(tmp_
         path.unlink()
     out = tmp_path / "out"
     code = run_group(bids, out, starting_model, "--epochs", "1")
-    assert code == cli.EXIT_PARTICIPANT_FAILED  # sub-03 could not be used
+    assert code == cli.EXIT_PARTICIPANT_FAILED  # sub-03 and sub-05 could not be used
     metrics = json.loads((out / "group" / "metrics.json").read_text())
     assert "test" not in metrics and metrics["protocol"]["split_warning"]
     assert metrics["official_test_patients"]["subject"]["n"] == 2
-    assert list(metrics["cohort"]["left_out"]) == ["sub-03"]
+    assert metrics["cohort"]["left_out"] == {
+        "sub-03": {"exit_code": cli.EXIT_MISSING_INPUT, "reason": "no FLAIR image"},
+        "sub-05": {"exit_code": cli.EXIT_BAD_DATA, "reason": "InvalidImageError: invalid image sub-05_T1w.nii.gz: truncated"}}
     assert any("cannot be a test set" in w for w in metrics["warnings"])
     folds = pd.read_csv(out / "group" / "folds.tsv", sep="\t", dtype=str)
-    assert "test" not in set(folds["fold"]) and len(folds) == 8  # sub-01 unlabelled, sub-03 without FLAIR
+    assert "test" not in set(folds["fold"]) and len(folds) == 7  # sub-01 unlabelled, sub-03, sub-05 failed
 
 
 @pytest.mark.slow
@@ -232,3 +244,85 @@ def test_default_learning_rate_is_lower_when_fine_tuning():
     assert training_options(args, fine_tune=False).learning_rate == SCRATCH_LEARNING_RATE
     chosen = cli.build_parser().parse_args(["bids", "out", "group", "--learning_rate", "0.01"])
     assert training_options(chosen, fine_tune=True).learning_rate == 0.01
+
+
+def test_bad_starting_model_or_network_fails_before_any_preprocessing(tmp_path, starting_model, monkeypatch):
+    def no_preprocessing(*args):
+        pytest.fail("preprocessed although the run cannot train")
+
+    monkeypatch.setattr(data, "prepare_samples", no_preprocessing)
+    bids = write_tiny_bids(tmp_path / "bids", 4)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"garbage")
+    out = tmp_path / "out"
+    assert cli.main([str(bids), str(out), "group", "--model", str(tmp_path / "none.pt"), *GROUP_ARGS]) == 66
+    assert cli.main([str(bids), str(out), "group", "--model", str(garbage), *GROUP_ARGS]) == 65
+    for wrong in (["--architecture", "nonet"], ["--arch_params", '{"no_such_parameter": 1}']):
+        assert cli.main([str(bids), str(out), "group", "--model", str(starting_model), *GROUP_ARGS, *wrong]) == 64
+    assert cli.main([str(bids), str(out), "group", *GROUP_ARGS, "--n_folds", "1"]) == 64
+    assert not (out / "group").exists()
+
+
+def test_every_unit_failing_alike_exits_with_their_code(tmp_path, starting_model, monkeypatch):
+    from bids_fcd.preprocess import InvalidImageError
+
+    def unreadable(unit, *args):
+        raise InvalidImageError(f"sub-{unit.subject}_T1w.nii.gz", "truncated")
+
+    monkeypatch.setattr("tests.test_group.fake_preprocess_unit", unreadable)
+    bids = write_tiny_bids(tmp_path / "bids", 4)
+    assert run_group(bids, tmp_path / "out", starting_model) == cli.EXIT_BAD_DATA
+
+
+def test_label_errors_say_what_participants_tsv_holds(tmp_path, starting_model, caplog):
+    bids = write_tiny_bids(tmp_path / "bids", 4)
+    assert run_group(bids, tmp_path / "out", starting_model, "--label_column", "Group") == 18
+    assert "no column 'Group'" in caplog.text and "group" in caplog.text
+    caplog.clear()
+    assert run_group(bids, tmp_path / "out", starting_model, "--positive_label", "FCD") == 18
+    assert "holds ['fcd', 'hc']" in caplog.text
+
+
+def test_an_empty_mask_on_a_patient_means_lesion_unknown(tmp_path, caplog):
+    import nibabel as nib
+
+    from bids_fcd.data import preprocess_unit
+    from bids_fcd.inputs import discover
+    from tests.bids_factory import make_dataset
+
+    bids = make_dataset(tmp_path / "bids", {"sub-01": ["anat/sub-01_T1w.nii.gz", "anat/sub-01_FLAIR.nii.gz"]},
+                        [{"participant_id": "sub-01", "group": "fcd"}])
+    flair = bids / "sub-01" / "anat" / "sub-01_FLAIR.nii.gz"
+    image = nib.load(flair)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine),
+             bids / "sub-01" / "anat" / "sub-01_FLAIR_roi.nii.gz")
+    (unit,) = discover(bids)
+    assert unit.lesion_mask is not None
+
+    class Cached:  # what the cache returns, as far as preprocess_unit reads it
+        brain_mask = np.ones(TINY_GRID.shape, np.uint8)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("bids_fcd.cache.load_or_preprocess", lambda *a, **k: Cached)
+        patch.setattr("bids_fcd.preprocess.mask_to_template", lambda *a: np.zeros(TINY_GRID.shape))
+        patch.setattr("bids_fcd.preprocess.channels_array", lambda pre, channels: np.zeros((2, *TINY_GRID.shape)))
+        arrays = preprocess_unit(unit, tmp_path / "cache", TINY_GRID, ("T1w", "FLAIR"), 1)
+    assert arrays.lesion is None and "marks no lesion" in caplog.text
+
+
+def test_a_rerun_that_fails_in_training_leaves_no_earlier_finished_outputs(tmp_path, starting_model, monkeypatch):
+    from bids_fcd import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    bids = write_tiny_bids(tmp_path / "bids", 6)
+    group = tmp_path / "out" / "group"
+    group.mkdir(parents=True)
+    for name in train.FINISHED_OUTPUTS:
+        (group / name).write_text("from an earlier run")
+    monkeypatch.setattr(train, "train_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_group(bids, tmp_path / "out", starting_model)
+    assert (group / "folds.tsv").is_file()
+    assert not [name for name in train.FINISHED_OUTPUTS if (group / name).exists()]

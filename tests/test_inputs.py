@@ -185,3 +185,20 @@ def test_dataset_description_pybids_cannot_use_is_bad_input_naming_it(tmp_path, 
     with pytest.raises(InputError, match="dataset_description.json") as info:
         discover(root)
     assert info.value.exit_code == 65
+
+
+def test_mask_named_after_an_image_on_another_grid_is_skipped_with_a_warning(tmp_path, caplog):
+    from tests.bids_factory import write_image
+
+    root = make_dataset(tmp_path / "bids", {"sub-01": ["anat/sub-01_T1w.nii.gz", "anat/sub-01_FLAIR.nii.gz"]})
+    write_image(root / "sub-01" / "anat" / "sub-01_FLAIR_roi.nii.gz", shape=(20, 20, 20))
+    (unit,) = discover(root)
+    assert unit.lesion_mask is None and unit.flair is not None
+    assert "not on the grid of sub-01_FLAIR.nii.gz" in caplog.text
+
+
+def test_split_values_other_than_train_or_test_are_warned(tmp_path, caplog):
+    root = make_dataset(tmp_path / "bids", {"sub-01": ["anat/sub-01_T1w.nii.gz", "anat/sub-01_FLAIR.nii.gz"]},
+                        [{"participant_id": "sub-01", "group": "fcd", "split": "holdout"}])
+    (unit,) = discover(root)
+    assert unit.split is None and "split 'holdout' is neither train nor test" in caplog.text

@@ -68,6 +68,10 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, architecture: s
     save_checkpoint(model, config, path)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt"]  # no temporary files left
+    from bids_fcd.derivatives import current_umask
+
+    for written in tmp_path.iterdir():  # readable by others as the umask allows (a shared OUTPUT_DIR/group)
+        assert written.stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert ModelConfig.read(tmp_path / "model.json") == config
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {"state_dict", "config_json"}

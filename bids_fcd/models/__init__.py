@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..derivatives import atomic_path
 from .blocks import FCDNet
 from .efficientnet3d import EfficientNet3DB0
 from .mobilenet3d import MobileNetV3Small3D
@@ -50,16 +49,8 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through `write(file_object)` to a temporary file beside `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class CheckpointError(ValueError):
+    """A file that is not a readable bids_fcd checkpoint (bad input data: exit 65)."""
 
 
 def save_checkpoint(model: nn.Module, config: ModelConfig, path: Path) -> None:
@@ -69,14 +60,16 @@ def save_checkpoint(model: nn.Module, config: ModelConfig, path: Path) -> None:
         raise ValueError(f"unknown architecture {config.architecture!r}")
     state = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
              "config_json": config.to_json()}
-    _write_atomic(path, lambda f: torch.save(state, f))
-    _write_atomic(path.with_suffix(".json"), lambda f: f.write(config.to_json().encode()))
+    with atomic_path(path) as temporary:  # atomic, and readable as the umask allows, like every output
+        torch.save(state, temporary)
+    with atomic_path(path.with_suffix(".json")) as temporary:
+        temporary.write_text(config.to_json())
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[FCDNet, ModelConfig]:
     """Rebuild the model of a checkpoint written by `save_checkpoint`, on `device`, in eval mode.
 
-    Raises FileNotFoundError when `path` is missing and ValueError naming the file when it is not a readable
+    Raises FileNotFoundError when `path` is missing and CheckpointError naming the file when it is not a readable
     bids_fcd checkpoint (corrupt, pickled code, another program's weights, unknown architecture, wrong tensors).
     """
     path = Path(path)
@@ -85,17 +78,17 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[FCD
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path}: not a readable model checkpoint ({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"{path}: not a readable model checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or not {"state_dict", "config_json"} <= set(state):
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path}: not a bids_fcd checkpoint (expected 'state_dict' and 'config_json', got {keys})")
+        raise CheckpointError(f"{path}: not a bids_fcd checkpoint (expected 'state_dict' and 'config_json', got {keys})")
     try:
         config = ModelConfig.from_json(state["config_json"])
         model = build_model(config)
     except (TypeError, ValueError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: invalid model configuration ({err})") from err
+        raise CheckpointError(f"{path}: invalid model configuration ({err})") from err
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not match architecture {config.architecture!r} ({err})") from err
+        raise CheckpointError(f"{path}: weights do not match architecture {config.architecture!r} ({err})") from err
     return model.to(device).eval(), config
