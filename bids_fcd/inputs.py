@@ -198,22 +198,23 @@ def reference_stem(mask: Path) -> str:
     return stem(mask).removesuffix("_roi")
 
 
-def same_grid(a: Path, b: Path) -> bool:
-    """Whether two images share shape and affine (headers only); False when either header is unreadable (the
-    image itself is then reported by the participant level, a mask is skipped)."""
+def same_grid(a: Path, b: Path, shape_only: bool = False) -> bool:
+    """Whether two images share shape and affine (or only shape), from their headers; False when either header
+    is unreadable (the image itself is then reported by the participant level, a mask is skipped)."""
     try:
         img_a, img_b = nib.load(str(a)), nib.load(str(b))
     except (OSError, nib.filebasedimages.ImageFileError, EOFError) as error:
         log.warning("cannot compare the grids of %s and %s: %s", a.name, b.name, error)
         return False
-    return img_a.shape[:3] == img_b.shape[:3] and np.allclose(img_a.affine, img_b.affine, atol=1e-3)
+    return img_a.shape[:3] == img_b.shape[:3] and (shape_only or np.allclose(img_a.affine, img_b.affine, atol=1e-3))
 
 
 def pair_mask(masks: list[Path], t1w: Path | None, flair: Path | None, unit: str) -> tuple[Path | None, str | None]:
     """Pair a mask with the image whose grid it is on.
 
-    By name first (the mask is in the space of the image it is named after), if the grids agree; when that
-    image does not exist (ds004199 sub-00048: a mask named after an `acq-32ch10` FLAIR while the only FLAIR is
+    By name first (the mask is in the space of the image it is named after), if it has that image's shape
+    (its affine is not compared: masks are often saved with a slightly different header, and
+    `preprocess.mask_to_template` uses the image's); when that image does not exist (ds004199 sub-00048: a mask named after an `acq-32ch10` FLAIR while the only FLAIR is
     `acq-T2sel`), by grid: the FLAIR, then the T1w, if shape and affine agree; otherwise the mask is skipped
     with a warning, and the participant is still predicted and still counts in subject-level metrics.
     """
@@ -221,9 +222,9 @@ def pair_mask(masks: list[Path], t1w: Path | None, flair: Path | None, unit: str
         named = [(image, space) for image, space in ((flair, "FLAIR"), (t1w, "T1w"))
                  if image is not None and stem(image) == reference_stem(mask)]
         for image, space in named:
-            if same_grid(mask, image):
+            if same_grid(mask, image, shape_only=True):
                 return mask, space
-            log.warning("%s: lesion mask %s is not on the grid of %s, the image it is named after", unit,
+            log.warning("%s: lesion mask %s does not have the shape of %s, the image it is named after", unit,
                         mask.name, image.name)
         if named:
             continue

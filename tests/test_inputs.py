@@ -194,7 +194,11 @@ def test_mask_named_after_an_image_on_another_grid_is_skipped_with_a_warning(tmp
     write_image(root / "sub-01" / "anat" / "sub-01_FLAIR_roi.nii.gz", shape=(20, 20, 20))
     (unit,) = discover(root)
     assert unit.lesion_mask is None and unit.flair is not None
-    assert "not on the grid of sub-01_FLAIR.nii.gz" in caplog.text
+    assert "does not have the shape of sub-01_FLAIR.nii.gz" in caplog.text
+    # Same shape, slightly different header: paired by name (the image's affine is used).
+    write_image(root / "sub-01" / "anat" / "sub-01_FLAIR_roi.nii.gz", zooms=(2.0, 2.0, 2.01))
+    (unit,) = discover(root)
+    assert unit.lesion_mask.name == "sub-01_FLAIR_roi.nii.gz" and unit.lesion_mask_space == "FLAIR"
 
 
 def test_split_values_other_than_train_or_test_are_warned(tmp_path, caplog):
