@@ -1,6 +1,6 @@
 """Recompute the shipped model's figures for bids_fcd/weights/MODEL_CARD.md.
 
-    python benchmarks/evaluate_default_model.py [--model bids_fcd/weights/model.pt] [--n_synthetic 40]
+    python benchmarks/evaluate_default_model.py [--model bids_fcd/weights/model.pt] [--n_synthetic 100]
 
 Two test sets, neither seen in training:
 1. A held-out synthetic cohort (`bids_fcd synth`, another seed) run through the whole participant level
@@ -116,7 +116,7 @@ def summarise(rows: list[dict], threshold: float) -> dict:
 
 def evaluate_synthetic(model_path: Path, work: Path, n: int, seed: int, n_cpus: int) -> list[dict]:
     """The whole participant level on a fresh synthetic cohort; metrics read back from its outputs."""
-    bids_dir, out = work / "synthetic_bids", work / "synthetic_out"
+    bids_dir, out = work / f"synthetic_n{n}_seed{seed}_bids", work / f"synthetic_n{n}_seed{seed}_out"
     if not bids_dir.exists():
         make_cohort(bids_dir, n=n, seed=seed)
     code = run_app([str(bids_dir), str(out), "participant", "--model", str(model_path), "--n_cpus", str(n_cpus)])
@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=REPO / "bids_fcd" / "weights" / "model.pt")
     parser.add_argument("--work_dir", type=Path, default=REPO / "work" / "evaluate_default_model")
-    parser.add_argument("--n_synthetic", type=int, default=40)
+    parser.add_argument("--n_synthetic", type=int, default=100,
+                        help="synthetic test participants (default 100: with 40, AUROC's 95 %% interval spanned 0.2)")
     parser.add_argument("--implants", type=int, default=3, help="implanted lesions per unseen real brain")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--n_cpus", type=int, default=2)

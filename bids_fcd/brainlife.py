@@ -85,6 +85,8 @@ def read_config(path: Path) -> BrainlifeConfig:
         raise ConfigError(f"{path} not found", cli.EXIT_MISSING_INPUT) from err
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object of keys, got {type(raw).__name__}")
     given = {k: v for k, v in raw.items() if not k.startswith("_") and v not in (None, "")}
     unknown = sorted(set(given) - set(IMAGE_KEYS) - set(OPTION_KEYS))
     if unknown:
@@ -105,6 +107,11 @@ def read_config(path: Path) -> BrainlifeConfig:
                               cli.EXIT_BAD_DATA)
         images[key] = image
     options = {key: _integral(given[key]) for key in OPTION_KEYS if key in given}
+    for key, value in options.items():  # the app's own parser, so that the message names the config key
+        try:
+            cli.build_parser().parse_args(["bids", "out", "participant", f"--{key}", str(value)])
+        except cli.UsageError as err:
+            raise ConfigError(f"{path}: {key} {value!r}: {err}") from err
     return BrainlifeConfig(t1=images["t1"], flair=images["flair"], mask=images.get("mask"), options=options)
 
 
@@ -153,9 +160,14 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def participant_argv(config: BrainlifeConfig, bids_dir: Path, output_dir: Path) -> list[str]:
-    """The run.py command line for the job: participant level on sub-01, the config's options."""
+    """The run.py command line for the job: participant level on sub-01, the config's options.
+
+    Without the BIDS validator: the dataset is the one `build_bids_dataset` just assembled, so its errors could
+    only be ours, while a bad input image is reported by the participant level itself (65, named), and the
+    validator's hint (--skip_bids_validator) is nothing a Brainlife user can act on.
+    """
     options = {"n_cpus": len(os.sched_getaffinity(0)), **config.options}
-    argv = [str(bids_dir), str(output_dir), "participant", "--participant_label", SUBJECT]
+    argv = [str(bids_dir), str(output_dir), "participant", "--participant_label", SUBJECT, "--skip_bids_validator"]
     for key, value in options.items():
         argv += [f"--{key}", str(value)]
     return argv
@@ -216,12 +228,25 @@ def failure_product(message: str) -> dict:
     return {"brainlife": [{"type": "error", "msg": message}], "bids_fcd_version": __version__}
 
 
-def failure_message(derivatives_dir: Path, code: int) -> str:
-    """The first lines of the participant's crash file, else the exit code's meaning."""
+def failure_message(derivatives_dir: Path, code: int, errors: list[str]) -> str:
+    """The first lines of the participant's crash file, else the run's first logged error, else the code."""
     crash = Path(derivatives_dir) / "logs" / f"crash-sub-{SUBJECT}.txt"
     if crash.is_file():
         return " ".join(crash.read_text(encoding="utf-8").splitlines()[:2])
+    if errors:
+        return f"bids_fcd exited with code {code}: {errors[0]}"
     return f"bids_fcd exited with code {code}; see the job log"
+
+
+class ErrorLines(logging.Handler):
+    """Collects the messages of ERROR records, for product.json when a run fails before any participant."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage().splitlines()[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,9 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         write_json(job_dir / "product.json", failure_product(str(err)))
         return err.exit_code
-    code = cli.main(participant_argv(config, bids_dir, derivatives_dir))
+    errors = ErrorLines()
+    logging.getLogger().addHandler(errors)
+    try:
+        code = cli.main(participant_argv(config, bids_dir, derivatives_dir))
+    finally:
+        logging.getLogger().removeHandler(errors)
     if code != cli.EXIT_OK:
-        write_json(job_dir / "product.json", failure_product(failure_message(derivatives_dir, code)))
+        write_json(job_dir / "product.json", failure_product(failure_message(derivatives_dir, code, errors.lines)))
         return code
     product = write_outputs(derivatives_dir, job_dir / "output")
     write_json(job_dir / "product.json", product)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -56,6 +57,8 @@ def test_config_paths_are_relative_to_config_and_brainlife_keys_ignored(job):
     ({"flair": ""}, 66, "'flair' is required"),
     ({"t1": "../inputs/none.nii.gz"}, 66, "does not exist"),
     ({"mask": "../inputs/t1.txt"}, 65, "not NIfTI"),
+    ({"n_passes": 0}, 64, "n_passes 0: argument --n_passes: must be >= 1"),
+    ({"seed": -3}, 64, "seed -3"),
 ])
 def test_unusable_config_is_refused_with_the_contract_code(job, content, code, message):
     (job.parent / "inputs" / "t1.txt").write_text("not an image")
@@ -102,18 +105,35 @@ def test_participant_command_line_is_run_py_on_sub_01_with_the_options(job):
     args = cli.build_parser().parse_args(argv)
     assert (args.bids_dir, args.output_dir, args.analysis_level) == (job / "bids", job / "derivatives",
                                                                       "participant")
-    assert args.participant_label == ["01"]
+    assert args.participant_label == ["01"] and args.skip_bids_validator
     assert (args.device, args.n_passes, args.seed, args.n_cpus) == ("cpu", 2, 5, 3)
     default = cli.build_parser().parse_args(brainlife.participant_argv(brainlife.read_config(write_config(job)),
                                                                        job / "bids", job / "derivatives"))
     assert default.n_cpus == len(os.sched_getaffinity(0))
 
 
-def test_bad_option_value_fails_with_64_and_an_error_product(job):
+def test_bad_option_value_fails_with_64_and_an_error_product_naming_the_key(job):
     assert brainlife.main([str(write_config(job, device="tpu"))]) == 64
     product = json.loads((job / "product.json").read_text())
-    assert product["brainlife"][0]["type"] == "error"
+    assert product["brainlife"][0]["type"] == "error" and "device 'tpu'" in product["brainlife"][0]["msg"]
     assert not (job / "output").exists()
+
+
+def test_config_that_is_not_an_object_is_64(job):
+    (job / "config.json").write_text("[1, 2]")
+    assert brainlife.main([str(job / "config.json")]) == 64
+    assert "expected a JSON object" in json.loads((job / "product.json").read_text())["brainlife"][0]["msg"]
+
+
+def test_a_run_failing_before_any_participant_says_why_in_the_product(job, monkeypatch):
+    def fails_early(argv):
+        logging.getLogger("bids_fcd").error("model checkpoint /x.pt does not exist")
+        return 66
+
+    monkeypatch.setattr(brainlife.cli, "main", fails_early)
+    assert brainlife.main([str(write_config(job))]) == 66
+    message = json.loads((job / "product.json").read_text())["brainlife"][0]["msg"]
+    assert message == "bids_fcd exited with code 66: model checkpoint /x.pt does not exist"
 
 
 def test_missing_input_fails_with_66_and_says_which(job):
@@ -125,9 +145,9 @@ def test_a_failed_participant_is_reported_with_its_crash_summary(tmp_path):
     logs = tmp_path / "derivatives" / "logs"
     logs.mkdir(parents=True)
     (logs / "crash-sub-01.txt").write_text("sub-01 failed with exit code 65\nnot a NIfTI image\n\nTraceback ...")
-    assert brainlife.failure_message(tmp_path / "derivatives", 65) == \
+    assert brainlife.failure_message(tmp_path / "derivatives", 65, ["ignored"]) == \
         "sub-01 failed with exit code 65 not a NIfTI image"
-    assert "code 74" in brainlife.failure_message(tmp_path / "nothing", 74)
+    assert "code 74" in brainlife.failure_message(tmp_path / "nothing", 74, [])
 
 
 # -- derivatives -> Brainlife outputs -----------------------------------------------------------------------
