@@ -94,6 +94,8 @@ def subject_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> d
         "npv": _safe_ratio(tn, tn + fn),
         "f1": _safe_ratio(2 * tp, 2 * tp + fp + fn),
         "accuracy": _safe_ratio(tp + tn, len(y_true)),
+        # Calibration: mean squared gap between probability and outcome (0 perfect; 0.25 for a constant 0.5).
+        "brier": float(np.mean((prob - y_true) ** 2)) if len(y_true) else None,
         **counts,
     }
 
@@ -178,8 +180,7 @@ def _with_ci(point: dict, samples: list[dict], keys: Sequence[str], n_boot: int)
 
 
 SUBJECT_RATES = ("auroc", "average_precision", "balanced_accuracy", "sensitivity", "specificity", "ppv",
-                 "npv",
-                 "f1", "accuracy")
+                 "npv", "f1", "accuracy", "brier")
 
 
 def subject_metrics_with_ci(y_true: np.ndarray, prob: np.ndarray, threshold: float, n_boot: int = 1000,

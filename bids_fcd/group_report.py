@@ -23,7 +23,7 @@ from bids_fcd.derivatives import atomic_path, write_text
 
 NOTICE = ("Research use only. Not a medical device and not for clinical decisions. Metrics come from this "
           "cohort's cross-validation and say little about other scanners or populations.")
-HEADLINE = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "f1")
+HEADLINE = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "f1", "brier")
 LESION_KEYS = ("detection_rate", "false_positives_per_participant", "dice")
 COLOURS = {"fcd": "#b00020", "control": "#1565c0"}
 
@@ -162,6 +162,24 @@ def probability_figure(summary: GroupSummary, figures: Path) -> tuple[str, Path]
     return "Probabilities by group", _save(fig, figures / "probabilities.png")
 
 
+def calibration_figure(summary: GroupSummary, figures: Path) -> tuple[str, Path]:
+    """Reliability diagram: observed FCD fraction against mean predicted probability, in probability quantiles,
+    so that a reader sees whether a probability of 0.8 means FCD about 8 times in 10 (Brier score in the title)."""
+    from sklearn.calibration import calibration_curve
+
+    fig, ax = _figure(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="#999", linewidth=0.8, label="perfect calibration")
+    for name, y, p in _curves(summary):
+        if "metadata" in name:
+            continue
+        observed, predicted = calibration_curve(y, p, n_bins=max(2, min(10, len(y) // 10)), strategy="quantile")
+        ax.plot(predicted, observed, marker="o", label=f"{name} (Brier {np.mean((p - y) ** 2):.3f})")
+    ax.set(xlabel="mean predicted FCD probability", ylabel="observed fraction FCD", xlim=(0, 1), ylim=(0, 1),
+           title="Calibration (quantile bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    return "Calibration", _save(fig, figures / "calibration.png")
+
+
 def training_figure(summary: GroupSummary, figures: Path) -> tuple[str, Path]:
     fig, axes = _figure(1, 3, figsize=(14, 3.8))
     for k, history in enumerate(summary.fold_histories):
@@ -244,8 +262,8 @@ def audit_figure(summary: GroupSummary, figures: Path) -> tuple[str, Path]:
 
 def make_figures(summary: GroupSummary, figures: Path) -> list[tuple[str, Path]]:
     items = roc_pr_figures(summary, figures)
-    for make in (confusion_figure, probability_figure, training_figure, cohort_figure, embedding_figure,
-                 audit_figure):
+    for make in (confusion_figure, calibration_figure, probability_figure, training_figure, cohort_figure,
+                 embedding_figure, audit_figure):
         items.append(make(summary, figures))
     return items
 

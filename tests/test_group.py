@@ -30,7 +30,7 @@ EXPECTED = ["folds.tsv", "model.pt", "model.json", "predictions.tsv", "metrics.j
             "fold-0/checkpoint_latest.pt", "fold-1/log.tsv", "fold-1/checkpoint_best.pt", "final/log.tsv",
             "final/checkpoint_latest.pt", "figures/roc.png", "figures/pr.png", "figures/confusion.png",
             "figures/training_curves.png", "figures/cohort.png", "figures/embeddings.png",
-            "figures/shortcut_audit.png", "figures/probabilities.png"]
+            "figures/shortcut_audit.png", "figures/probabilities.png", "figures/calibration.png"]
 
 
 def run_group(bids: Path, out: Path, start: Path, *extra: str) -> int:
@@ -127,8 +127,11 @@ def test_metrics_have_confidence_intervals_sites_and_the_audit(group_run):
     _, out, _ = group_run
     metrics = json.loads((out / "group" / "metrics.json").read_text())
     cv = metrics["cross_validation"]
-    for key in ("auroc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "f1"):
+    for key in ("auroc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "f1", "brier"):
         assert set(cv["subject"][key]) == {"value", "ci95"}
+    cv_rows = pd.read_csv(out / "group" / "predictions.tsv", sep="\t").query("fold != 'test'")
+    brier = np.mean((cv_rows["fcd_probability"] - (cv_rows["label"] == "fcd")) ** 2)
+    assert cv["subject"]["brier"]["value"] == pytest.approx(brier, abs=1e-3)  # the table rounds probabilities
     for key in ("detection_rate", "false_positives_per_participant", "dice"):
         assert key in cv["lesion"]
     assert set(cv["by_site"]) == {"siteA", "siteB"}
@@ -161,7 +164,7 @@ def test_model_card_and_report_link_existing_figures(group_run):
     assert "Research use only" in card and "Shortcut audit" in card and "AUROC" in card
     page = (out / "group" / "report.html").read_text()
     links = re.findall(r'src="([^"]+)"', page)
-    assert len(links) == 8 and all((out / "group" / link).stat().st_size > 2000 for link in links)
+    assert len(links) == 9 and all((out / "group" / link).stat().st_size > 2000 for link in links)
     for section in ("Shortcut audit", "Harmonisation", "Cohort", "Metrics"):
         assert section in page
 
