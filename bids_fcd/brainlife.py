@@ -203,8 +203,8 @@ def product_from_prediction(prediction: dict) -> dict:
     """Brainlife's product.json: a UI message, plus the subject-level result as searchable fields."""
     probability = float(prediction["fcd_probability"])
     clusters = prediction.get("clusters", [])
-    message = (f"FCD probability {probability:.2f} (predicted {prediction['predicted']}, threshold "
-               f"{float(prediction['threshold']):.2f}); {len(clusters)} candidate cluster(s)")
+    message = (f"FCD probability {probability:.3f} (predicted {prediction['predicted']}, threshold "
+               f"{float(prediction['threshold']):.3f}); {len(clusters)} candidate cluster(s)")
     if clusters:
         top = clusters[0]
         message += f", the strongest in {top['region']} ({top['volume_mm3']:.0f} mm3)"

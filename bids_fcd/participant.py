@@ -261,11 +261,13 @@ class UnitWriter:
             "Model": config.name, "ModelVersion": config.model_version,
             "VoxelThreshold": config.voxel_threshold,
         })
-        predicted = "fcd" if prediction.fcd_probability >= config.subject_threshold else "control"
+        # The call is made on the probability as written, so that the JSON never contradicts its own rule.
+        probability = round(float(prediction.fcd_probability), 6)
+        predicted = "fcd" if probability >= config.subject_threshold else "control"
         outputs["predicted"] = predicted
         outputs["prediction_json"] = write_json(
             self.path(entities, desc="fcd", suffix="prediction", extension=".json"), {
-                "fcd_probability": round(float(prediction.fcd_probability), 4),
+                "fcd_probability": probability,
                 "predicted": predicted,
                 "threshold": config.subject_threshold,
                 "threshold_rule": config.training.get("threshold_rule", "not recorded with the model"),
@@ -275,7 +277,9 @@ class UnitWriter:
                 "bids_fcd_version": __version__,
                 "n_passes": prediction.n_passes,
                 "clusters": [cluster.to_json() for cluster in clusters],
-                "notice": "Research use only; not a medical device. The default model was trained on simulated "
-                          "lesions implanted in real anatomy.",
+                "notice": "Research use only; not a medical device. "
+                          + ("The default model was trained on simulated lesions implanted in template and real "
+                             "anatomy." if model_path == DEFAULT_MODEL.resolve() else
+                             "Model trained by the group level: see its model card."),
             })
         return outputs

@@ -21,6 +21,7 @@ from bids_fcd.derivatives import atomic_path, write_text
 
 log = logging.getLogger(__name__)
 MAX_FIGURE_CANDIDATES = 3
+DISPLAY_THRESHOLD = 0.05  # overlays start here, below the voxel threshold: the reader sees the weak evidence too
 NOTICE = ("Research use only. Not a medical device and not for clinical decisions. The model marks regions for "
           "expert review; it has not been validated on clinical FCD cases.")
 
@@ -37,7 +38,8 @@ def overlay_figure(background: np.ndarray, overlay: np.ndarray, affine: np.ndarr
         warnings.filterwarnings("ignore", message="empty mask")
         display = plotting.plot_stat_map(_image(overlay, affine), bg_img=_image(background, affine),
                                          cut_coords=[float(c) for c in cut_mm], display_mode="ortho",
-                                         threshold=0.05, vmax=1.0, cmap=cmap, title=title, annotate=True,
+                                         threshold=DISPLAY_THRESHOLD, vmax=1.0, cmap=cmap, title=title,
+                                         annotate=True,
                                          black_bg=True, draw_cross=True, colorbar=True)
     with atomic_path(path) as temporary:
         display.savefig(str(temporary), dpi=80)
@@ -51,7 +53,7 @@ def cut_points_mm(clusters, prediction, grid) -> list[tuple[str, np.ndarray]]:
     points = [(f"candidate {c.id}", np.asarray(c.peak_template_mm)) for c in clusters[:MAX_FIGURE_CANDIDATES]]
     if not points:
         peak_voxel = np.unravel_index(np.argmax(prediction.saliency_template), prediction.saliency_template.shape)
-        points = [("saliency maximum (no candidate above threshold)",
+        points = [("saliency peak",
                    grid.affine[:3, :3] @ np.asarray(peak_voxel) + grid.affine[:3, 3])]
     return points
 
@@ -103,8 +105,8 @@ def write_participant_report(output_dir: Path, unit, pre, prediction, clusters, 
     figures = prediction_figures(pre, prediction, clusters, figures_dir, unit.name)
     probability = prediction.fcd_probability
     predicted = outputs["predicted"]
-    cluster_rows = [[c.id, f"{c.volume_mm3:.0f}", _mm(c.peak_mm), _mm(c.centroid_mm), f"{c.peak_probability:.2f}",
-                     f"{c.mean_probability:.2f}", c.region] for c in clusters]
+    cluster_rows = [[c.id, f"{c.volume_mm3:.0f}", _mm(c.peak_mm), _mm(c.centroid_mm), _mm(c.peak_template_mm),
+                     f"{c.peak_probability:.2f}", f"{c.mean_probability:.2f}", c.region] for c in clusters]
     qc_rows = [[key, f"{value:.3f}" if isinstance(value, float) else value] for key, value in sorted(pre.qc.items())
                if not isinstance(value, dict)]  # per-step timings belong to the log, not the review
     relative = [(title, path.relative_to(output_dir)) for title, path in figures]
@@ -129,20 +131,24 @@ figure {{ display: inline-block; margin: .5em; }} img {{ max-width: 560px; }}
 <h1>FCD report: {html.escape(unit.name)}</h1>
 <p class="notice"><strong>{html.escape(NOTICE)}</strong></p>
 <h2>Summary</h2>
-<p class="verdict {verdict_class}">Subject-level FCD probability <strong>{probability:.3f}</strong>
-(threshold {config.subject_threshold:.3f}): <strong>{html.escape(predicted)}</strong></p>
+<p class="verdict {verdict_class}">Subject-level FCD probability <strong>{probability:.4f}</strong>
+(threshold {config.subject_threshold:.4f}): <strong>{html.escape(predicted)}</strong></p>
 <p>{len(clusters)} candidate cluster(s) at voxel probability &ge; {config.voxel_threshold:.2f}.
 {html.escape(discordance_note(predicted, len(clusters)))}
 Model <code>{html.escape(config.name)}</code> version {html.escape(config.model_version)}
 ({html.escape(config.architecture)}); bids_fcd {html.escape(__version__)};
 {prediction.n_passes} stochastic pass(es). Brain extraction: {html.escape(pre.brain_extraction)}.</p>
 <h2>Candidate lesions</h2>
-<p>Coordinates in the T1w's scanner RAS mm; volume in the participant's head (mm&sup3;); region from the atlas
-at the template-space peak.</p>
-{_table(cluster_rows, ["id", "volume mm3", "peak (mm)", "centroid (mm)", "peak p", "mean p", "region"])
+<p>Peak and centroid in the T1w's scanner RAS mm; the template peak in {html.escape(config.template_space)} mm,
+where the views below are cut; volume in the participant's head (mm&sup3;); region from the
+{html.escape(clusters[0].atlas) if clusters else "atlas"} at the template peak.</p>
+{_table(cluster_rows, ["id", "volume mm3", "peak (mm)", "centroid (mm)", "template peak (mm)", "peak p", "mean p",
+                       "region"])
  if cluster_rows else "<p>No candidate cluster above the voxel threshold.</p>"}
 <h2>Probability and saliency</h2>
-<p>Views in template space ({html.escape(config.template_space)}), on the model's inputs.</p>
+<p>Views in template space ({html.escape(config.template_space)}), on the model's inputs, cut at the template
+peak (x, y, z in the corners). Probability is drawn from {DISPLAY_THRESHOLD} up, below the candidate cut at
+{config.voxel_threshold:.2f}, so that sub-threshold evidence is visible too; saliency is scaled 0..1.</p>
 {figure_html(relative)}
 <h2>Preprocessing quality</h2>
 {figure_html(qc_relative)}

@@ -9,6 +9,10 @@ if [ $# -lt 3 ]; then
     exit 64
 fi
 here=$(cd "$(dirname "$0")" && pwd)
+if [ ! -f "$2/participants.tsv" ]; then
+    echo "$2/participants.tsv not found: the array has one task per row of it" >&2
+    exit 66
+fi
 n=$(( $(grep -c . "$2/participants.tsv") - 1 ))
 if [ "$n" -lt 1 ]; then
     echo "$2/participants.tsv lists no participant" >&2

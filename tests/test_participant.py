@@ -197,3 +197,27 @@ def test_reruns_never_leave_a_failure_looking_finished(tmp_path, tiny_model, coh
     monkeypatch.setattr(cache, "load_or_preprocess", disk_error)
     assert main([*args, "--model", str(tiny_model)]) == 74
     assert crash.is_file() and not any(path.exists() for path in finished)
+
+
+def test_a_probability_at_the_threshold_is_written_and_called_consistently(tmp_path, tiny_model, cohort,
+                                                                           monkeypatch):
+    """The call is made on the probability as written: 0.4999996 against 0.5 is written 0.5 and called fcd."""
+    from bids_fcd import infer
+
+    predict = infer.predict
+
+    def just_below_threshold(*args, **kwargs):
+        prediction = predict(*args, **kwargs)
+        prediction.fcd_probability = TINY.subject_threshold - 4e-7
+        return prediction
+
+    monkeypatch.setattr(infer, "predict", just_below_threshold)
+    out = tmp_path / "out"
+    assert main([str(cohort), str(out), "participant", "--model", str(tiny_model), "--skip_bids_validator",
+                 "--participant_label", "00001", "--n_passes", "1"]) == 0
+    prediction = json.loads(next(out.rglob("*_desc-fcd_prediction.json")).read_text())
+    assert prediction["fcd_probability"] == prediction["threshold"] and prediction["predicted"] == "fcd"
+    assert "group level" in prediction["notice"]  # not the shipped model: no claim about how it was trained
+    report = (out / "sub-00001.html").read_text()
+    assert f"(threshold {TINY.subject_threshold:.4f})" in report and "the template peak in" in report
+    assert "drawn from 0.05 up, below the candidate cut" in report

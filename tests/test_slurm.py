@@ -91,6 +91,14 @@ def test_array_task_beyond_the_table_fails_without_running(stubs, cohort, tmp_pa
     assert apptainer_calls(tmp_path) == []
 
 
+@pytest.mark.parametrize("script", ["participant_array.sbatch", "submit.sh"])
+def test_a_bids_dir_without_participants_tsv_is_66_naming_it(script, stubs, tmp_path):
+    result = run_script(script, ["img.sif", str(tmp_path / "nowhere"), str(tmp_path / "out")], stubs, tmp_path,
+                        SLURM_ARRAY_TASK_ID="1")
+    assert result.returncode == 66 and "nowhere/participants.tsv not found" in result.stderr
+    assert apptainer_calls(tmp_path) == [] and not (tmp_path / "log.sbatch").exists()
+
+
 def test_array_task_passes_on_the_apps_exit_code_and_the_allotted_gpu(stubs, cohort, tmp_path):
     result = run_script("participant_array.sbatch", ["img.sif", str(cohort), str(tmp_path / "out")], stubs,
                         tmp_path, SLURM_ARRAY_TASK_ID="1", APPTAINER_EXIT="65", CUDA_VISIBLE_DEVICES="2")
