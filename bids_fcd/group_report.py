@@ -81,8 +81,9 @@ def metric_rows(metrics: dict) -> list[list[str]]:
 
 
 def _figure(rows: int = 1, columns: int = 1, figsize: tuple[float, float] = (5, 5), squeeze: bool = True):
-    """A pyplot-free Figure (no global state, no display backend) and its axes."""
-    fig = Figure(figsize=figsize)
+    """A pyplot-free Figure (no global state, no display backend) and its axes; constrained layout, so that
+    neighbouring panels' labels never overlap."""
+    fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.subplots(rows, columns, squeeze=squeeze)
 
 
@@ -198,6 +199,7 @@ def training_figure(summary: GroupSummary, figures: Path) -> tuple[str, Path]:
     axes[0].legend(fontsize=7, ncol=2)
     axes[1].set(xlabel="epoch", ylabel="AUROC", title="Validation AUROC", ylim=(0, 1.02))
     axes[2].set(xlabel="epoch", ylabel="learning rate", title="Learning rate (start of epoch)")
+    axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     return "Training curves", _save(fig, figures / "training_curves.png")
 
 
