@@ -130,6 +130,9 @@ def test_embeddings_and_features_have_the_expected_shapes():
 
     features, _, _ = site_features()
     assert audit.embed(features, "pca").shape == (40, 2)
+    for method in ("umap", "tsne"):  # the report's choices; umap is the default
+        embedded = audit.embed(features, method)
+        assert embedded.shape == (40, 2) and np.isfinite(embedded).all() and embedded.std(axis=0).min() > 0
     with pytest.raises(ValueError):
         audit.embed(features, "mds")
     samples = tiny_samples(3)

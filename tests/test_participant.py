@@ -104,6 +104,50 @@ def test_prediction_json_has_the_contract_fields(finished_run):
                     "atlas", "region"} <= set(cluster)
 
 
+def test_report_holds_what_a_reader_needs(finished_run):
+    """The issue's list: notice, subject probability and threshold, candidates, overlays, QC, model and version."""
+    import html
+
+    from bids_fcd.report import NOTICE
+
+    out, _ = finished_run
+    for path in out.glob("sub-*/anat/*_desc-fcd_prediction.json"):
+        prediction = json.loads(path.read_text())
+        page = html.unescape((out / f"{path.parts[-3]}.html").read_text())
+        assert NOTICE in page
+        assert f"FCD probability <strong>{prediction['fcd_probability']:.4f}</strong>" in page
+        assert f"(threshold {prediction['threshold']:.4f}): <strong>{prediction['predicted']}</strong>" in page
+        assert "Model <code>tiny-test-model</code> version test" in page
+        for cluster in prediction["clusters"][:3]:
+            assert cluster["region"] in page and f"candidate {cluster['id']}: T1w + saliency" in page
+        if not prediction["clusters"]:
+            assert "No candidate cluster" in page and "saliency peak: T1w + saliency" in page
+        for section in ("Candidate lesions", "Probability and saliency", "Preprocessing quality", "flair_to_t1w"):
+            assert section in page
+
+
+def test_group_level_samples_come_from_the_participant_levels_cache_in_parallel(finished_run, cohort):
+    """`data.prepare_samples` as the group level calls it (2 spawned workers): every unit is read from the cache
+    the participant run filled, none preprocessed again, and each patient's mask is mapped to the model grid."""
+    from bids_fcd.data import prepare_samples
+    from bids_fcd.inputs import discover
+    from bids_fcd.template import model_grid
+
+    out, _ = finished_run
+    entries = sorted(p.name for p in (out / "cache").iterdir())
+    units = discover(cohort)
+    samples, failed = prepare_samples(units, out / "cache", model_grid(TINY.grid_spacing_mm, TINY.grid_shape),
+                                      TINY.channels, n_cpus=2)
+    assert failed == {} and [s.unit.name for s in samples] == [u.name for u in units]
+    assert any(s.lesion is not None for s in samples), "the cohort should hold a patient with a mask"
+    assert sorted(p.name for p in (out / "cache").iterdir()) == entries
+    for sample in samples:
+        assert sample.image.shape == (2, *TINY.grid_shape)
+        assert (sample.lesion is not None) == (sample.unit.lesion_mask is not None)
+        if sample.lesion is not None:
+            assert (sample.lesion >= 0.5).sum() > 0
+
+
 def test_output_dataset_passes_the_official_validator(finished_run):
     out, _ = finished_run
     errors = [i for i in run_validator(out) if i["severity"] == "error"]

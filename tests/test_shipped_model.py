@@ -64,3 +64,21 @@ def test_shipped_model_ranks_unseen_lesions_above_controls_and_points_at_them(sh
     assert min(scores[1]) > max(scores[0]), scores
     assert all(hits), hits
     assert any(saliency_hits), "the saliency map points at neither lesion"
+
+
+def test_the_model_card_is_what_its_benchmark_writes_from_its_recorded_figures():
+    """MODEL_CARD.md is regenerated from benchmarks/results/model_card.json exactly: no figure edited by hand,
+    none left over from an earlier model or benchmark run."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("evaluate_default_model",
+                                                  repo / "benchmarks" / "evaluate_default_model.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    result = json.loads((repo / "benchmarks" / "results" / "model_card.json").read_text())
+    _, config = load_checkpoint(DEFAULT_MODEL)
+    assert result["subject_threshold"] == config.subject_threshold
+    assert benchmark.model_card(result, config) == (DEFAULT_MODEL.parent / "MODEL_CARD.md").read_text()

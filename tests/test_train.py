@@ -208,6 +208,38 @@ def test_gpu_augmentation_path_and_bf16_autocast_run_on_cpu(tmp_path):
     assert result.best_path is None and np.isfinite(result.history[0]["train_loss"])
 
 
+def test_gradient_accumulation_steps_the_optimizer_once_per_group_of_batches(tmp_path, monkeypatch):
+    """4 volumes in batches of 1 with grad_accum_steps=2 and 3: 2 optimizer steps each (the last group may be
+    short), and the schedule counts optimizer steps, not batches."""
+    steps = []
+    original = torch.optim.AdamW.step
+
+    def counted_step(self, *args, **kwargs):
+        steps.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted_step)
+    for accumulate, expected in ((1, 4), (2, 2), (3, 2)):
+        steps.clear()
+        options = replace(OPTIONS, epochs=1, batch_size=1, augmentation="off", grad_accum_steps=accumulate)
+        engine.fit(tiny_model(), TINY_CONFIG, tiny_samples(4), [], options, tmp_path / str(accumulate), 4,
+                   engine.DistContext())
+        assert len(steps) == expected, accumulate
+
+
+def test_deterministic_mode_asks_for_deterministic_kernels():
+    try:
+        engine.set_determinism(3, True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark
+        first = torch.rand(3)
+        engine.set_determinism(3, True)
+        assert torch.equal(torch.rand(3), first)
+    finally:
+        engine.set_determinism(0, False)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_autoencoder_pretraining_changes_and_stores_the_encoder(tmp_path):
     samples = tiny_samples(4)
     model = tiny_model()
