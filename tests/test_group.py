@@ -329,3 +329,11 @@ def test_a_rerun_that_fails_in_training_leaves_no_earlier_finished_outputs(tmp_p
         run_group(bids, tmp_path / "out", starting_model)
     assert (group / "folds.tsv").is_file()
     assert not [name for name in train.FINISHED_OUTPUTS if (group / name).exists()]
+
+
+def test_pretrain_epochs_pretrains_each_folds_encoder(tmp_path, starting_model):
+    bids = write_tiny_bids(tmp_path / "bids", 6)
+    out = tmp_path / "out"
+    assert run_group(bids, out, starting_model, "--epochs", "1", "--pretrain_epochs", "1", "--from_scratch") == 0
+    for part in ("fold-0", "fold-1", "final"):
+        assert (out / "group" / part / "pretrained_encoder.pt").is_file(), part
