@@ -337,3 +337,20 @@ def test_pretrain_epochs_pretrains_each_folds_encoder(tmp_path, starting_model):
     assert run_group(bids, out, starting_model, "--epochs", "1", "--pretrain_epochs", "1", "--from_scratch") == 0
     for part in ("fold-0", "fold-1", "final"):
         assert (out / "group" / part / "pretrained_encoder.pt").is_file(), part
+
+
+def test_a_cohort_whose_metadata_gives_the_label_away_is_warned_in_every_output(tmp_path, starting_model):
+    """ds004199's trap, exaggerated: patients all young, controls all old. The metadata-only baseline reaches
+    AUROC ~1, and the warning must reach metrics.json, report.html and the model card."""
+    bids = write_tiny_bids(tmp_path / "bids", 12)
+    table = pd.read_csv(bids / "participants.tsv", sep="\t", dtype=str, encoding="utf-8-sig")
+    table["age"] = np.where(table["group"] == "fcd", "8", "55")
+    table.to_csv(bids / "participants.tsv", sep="\t", index=False)
+    out = tmp_path / "out"
+    assert run_group(bids, out, starting_model, "--epochs", "1") == 0
+    metrics = json.loads((out / "group" / "metrics.json").read_text())
+    warning = metrics["shortcut_audit"]["warning"]
+    assert warning and warning.startswith("SHORTCUT RISK") and warning in metrics["warnings"]
+    assert metrics["shortcut_audit"]["best"]["auroc"] >= 0.8
+    assert warning in (out / "group" / "report.html").read_text().replace("&#x27;", "'")
+    assert "**WARNING:** SHORTCUT RISK" in (out / "group" / "MODEL_CARD.md").read_text()
