@@ -252,3 +252,25 @@ def test_template_lesions_stay_in_the_neocortical_territory_and_some_have_a_tran
     tails = [p for p in drawn if p.transmantle]
     assert len(tails) >= 3
     assert any(not territory[p.transmantle_target_vox] for p in tails)  # reaching the deep ventricle
+
+
+def test_scanner_effects_blur_bias_and_rician_noise():
+    """A flat phantom with one bright edge: blur widens the edge, the bias field varies smoothly, the noise is
+    Rician (never negative; mean raised in the dark background, as in magnitude images)."""
+    from bids_fcd.synth import _random_warp, _scanner_effects
+
+    phantom = np.zeros((40, 40, 40), np.float32)
+    phantom[:, :, 20:] = 1.0
+    sharp = _scanner_effects(np.random.default_rng(0), phantom, noise_sd=0.0, bias_sd=0.0, blur_vox=(0, 0, 0))
+    np.testing.assert_allclose(sharp, phantom, atol=1e-6)
+    blurred = _scanner_effects(np.random.default_rng(0), phantom, noise_sd=0.0, bias_sd=0.0, blur_vox=(0, 0, 2))
+    assert 0.05 < blurred[20, 20, 17] < 0.5 and blurred[20, 20, 10] < 1e-3
+    biased = _scanner_effects(np.random.default_rng(0), phantom, noise_sd=0.0, bias_sd=0.2, blur_vox=(0, 0, 0))
+    inside = biased[:, :, 20:]
+    # smooth, not noise: neighbouring voxels differ far less than the field varies over the volume
+    assert 0.05 < inside.std() < 0.5 and np.median(np.abs(np.diff(inside, axis=0))) < inside.std() / 5
+    noisy = _scanner_effects(np.random.default_rng(0), phantom, noise_sd=0.05, bias_sd=0.0, blur_vox=(0, 0, 0))
+    assert noisy.min() >= 0 and 0.04 < noisy[:, :, 20:].std() < 0.08
+    assert noisy[:, :, :20].mean() > 0.03  # Rician floor in the background
+    warp = _random_warp(np.random.default_rng(0), sd_mm=2.0)
+    assert warp.displacement_mm.shape[0] == 3 and abs(float(warp.displacement_mm.std()) - 2.0) < 1e-3
