@@ -105,6 +105,20 @@ def test_stronger_severity_gives_a_more_conspicuous_lesion(phantom):
     assert rises[1] > 2 * rises[0] > 0
 
 
+def test_cortical_thickening_alone_turns_the_white_matter_under_the_cortex_grey(phantom):
+    """With every other sign switched off, thickening darkens T1w (towards cortex) only in white matter within
+    its reach of the cortex, and more the thicker it is."""
+    base = replace(_draw(phantom, 3, severity=0.5), shape_seed=5, volume_ml=3.0, blur_sigma_mm=0.0,
+                   flair_gain=0.0, wm_t1_shift=0.0, transmantle=False, transmantle_target_vox=None)
+    near_cortex = (phantom["wm"] > 0.5) & ndimage.binary_dilation(phantom["gm"] > 0.5, iterations=1)
+    drops = []
+    for thickening_mm in (0.0, 1.5, 3.0):
+        t1w, _, mask = _implant(phantom, replace(base, thickening_mm=thickening_mm))
+        drops.append(float((phantom["t1w"] - t1w)[mask.astype(bool) & near_cortex].mean()))
+    assert abs(drops[0]) < 2.0 and 0 < drops[1] < drops[2]  # T1w units: WM 400, GM 240
+    assert drops[2] > 20.0
+
+
 def test_changes_follow_the_intensity_units(phantom):
     """Raw scanner units or rescaled: the lesion is the same fraction of the local tissue intensities."""
     params = _draw(phantom, 4, severity=0.7)
