@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -342,3 +346,29 @@ def test_engine_learns_an_obvious_lesion(tmp_path):
             out = model(torch.from_numpy(sample.image)[None], torch.from_numpy(sample.brain_mask)[None, None])
             peak = int(out["voxel_logits"][0, 0].flatten().argmax())
             assert sample.lesion.flatten()[peak] > 0
+
+
+TORCHRUN_PROBE = """
+import json, sys, torch
+from bids_fcd.engine import DistContext
+context = DistContext.from_env(torch.device("cpu"))
+decision = context.broadcast({"stop_after": 3} if context.rank == 0 else None)
+context.barrier()
+print(json.dumps({"rank": context.rank, "world": context.world, "active": context.active, "decision": decision}))
+"""
+
+
+def test_torchrun_processes_join_one_gloo_group_from_the_environment(tmp_path):
+    """The documented multi-process entry (torchrun sets WORLD_SIZE, RANK, MASTER_ADDR ...): each process joins
+    the group through `DistContext.from_env`, and rank 0's decisions reach the other."""
+    script = tmp_path / "probe.py"
+    script.write_text(TORCHRUN_PROBE)
+    # --standalone: a local rendezvous on a free port (a fixed port could be taken, port 0 hangs)
+    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                str(script)], capture_output=True, text=True, timeout=300, check=False,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    reports = sorted((json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")),
+                     key=lambda report: report["rank"])
+    assert [(r["rank"], r["world"], r["active"]) for r in reports] == [(0, 2, True), (1, 2, True)]
+    assert all(r["decision"] == {"stop_after": 3} for r in reports)
