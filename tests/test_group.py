@@ -354,3 +354,28 @@ def test_a_cohort_whose_metadata_gives_the_label_away_is_warned_in_every_output(
     assert metrics["shortcut_audit"]["best"]["auroc"] >= 0.8
     assert warning in (out / "group" / "report.html").read_text().replace("&#x27;", "'")
     assert "**WARNING:** SHORTCUT RISK" in (out / "group" / "MODEL_CARD.md").read_text()
+
+
+@pytest.mark.slow
+def test_torchrun_group_level_with_two_processes_on_a_real_cohort(tmp_path, starting_model):
+    """The documented multi-process command, `torchrun --nproc_per_node=N run.py BIDS OUT group`, with two CPU
+    processes (gloo) and real preprocessing: rank 0 preprocesses while rank 1 waits, both train, rank 0 writes."""
+    import subprocess
+    import sys
+
+    from bids_fcd.synth import make_cohort
+
+    bids = make_cohort(tmp_path / "bids", 6, seed=2)
+    out = tmp_path / "out"
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(Path(__file__).resolve().parents[1] / "run.py"), str(bids), str(out), "group", "--model",
+         str(starting_model), "--skip_bids_validator", "--n_folds", "2", "--epochs", "1", "--batch_size", "2",
+         "--n_passes", "1", "--embedding", "pca", "--n_cpus", "2"],
+        capture_output=True, text=True, timeout=900, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert len(pd.read_csv(out / "group" / "folds.tsv", sep="\t")) == 6
+    assert len(pd.read_csv(out / "group" / "predictions.tsv", sep="\t")) == 6
+    _, config = load_checkpoint(out / "group" / "model.pt")
+    assert config.name == "bids_fcd-group" and config.grid_shape == TINY_CONFIG.grid_shape
+    assert len(list((out / "cache").iterdir())) == 6  # preprocessed once, by rank 0
