@@ -202,18 +202,11 @@ def test_missing_model_file_is_66(tmp_path):
                  "--skip_bids_validator"]) == 66
 
 
-def test_output_folder_blocked_by_a_file_is_an_io_error_74(tmp_path, tiny_model, cohort):
+@pytest.mark.parametrize("blocked", ["sub-00001", "logs"])
+def test_an_output_folder_blocked_by_a_file_is_an_io_error_74_not_raised(tmp_path, tiny_model, cohort, blocked):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "sub-00001").write_text("a file where the participant's folder must go")
-    assert main([str(cohort), str(out), "participant", "--model", str(tiny_model), "--skip_bids_validator",
-                 "--participant_label", "00001", "--n_passes", "1"]) == 74
-
-
-def test_a_blocked_logs_folder_is_recorded_as_74_not_raised(tmp_path, tiny_model, cohort):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "logs").write_text("a file where the logs folder must go")
+    (out / blocked).write_text("a file where a folder must go")
     assert main([str(cohort), str(out), "participant", "--model", str(tiny_model), "--skip_bids_validator",
                  "--participant_label", "00001", "--n_passes", "1"]) == 74
 
