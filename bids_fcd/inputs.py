@@ -214,9 +214,10 @@ def pair_mask(masks: list[Path], t1w: Path | None, flair: Path | None, unit: str
 
     By name first (the mask is in the space of the image it is named after), if it has that image's shape
     (its affine is not compared: masks are often saved with a slightly different header, and
-    `preprocess.mask_to_template` uses the image's); when that image does not exist (ds004199 sub-00048: a mask named after an `acq-32ch10` FLAIR while the only FLAIR is
-    `acq-T2sel`), by grid: the FLAIR, then the T1w, if shape and affine agree; otherwise the mask is skipped
-    with a warning, and the participant is still predicted and still counts in subject-level metrics.
+    `preprocess.mask_to_template` uses the image's). When that image does not exist (ds004199 sub-00048: a
+    mask named after an `acq-32ch10` FLAIR while the only FLAIR is `acq-T2sel`), by grid: the FLAIR, then the
+    T1w, if shape and affine agree. Otherwise the mask is skipped with a warning, and the participant is still
+    predicted and still counts in subject-level metrics.
     """
     for mask in masks:
         named = [(image, space) for image, space in ((flair, "FLAIR"), (t1w, "T1w"))
