@@ -349,12 +349,13 @@ def test_engine_learns_an_obvious_lesion(tmp_path):
 
 
 TORCHRUN_PROBE = """
-import json, sys, torch
+import json, pathlib, sys, torch
 from bids_fcd.engine import DistContext
 context = DistContext.from_env(torch.device("cpu"))
 decision = context.broadcast({"stop_after": 3} if context.rank == 0 else None)
 context.barrier()
-print(json.dumps({"rank": context.rank, "world": context.world, "active": context.active, "decision": decision}))
+report = {"rank": context.rank, "world": context.world, "active": context.active, "decision": decision}
+pathlib.Path(sys.argv[1], f"rank{context.rank}.json").write_text(json.dumps(report))
 """
 
 
@@ -365,10 +366,10 @@ def test_torchrun_processes_join_one_gloo_group_from_the_environment(tmp_path):
     script.write_text(TORCHRUN_PROBE)
     # --standalone: a local rendezvous on a free port (a fixed port could be taken, port 0 hangs)
     completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                str(script)], capture_output=True, text=True, timeout=300, check=False,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                               check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert completed.returncode == 0, completed.stderr[-2000:]
-    reports = sorted((json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")),
-                     key=lambda report: report["rank"])
+    # one file per rank: the two processes' stdout lines can interleave
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [(r["rank"], r["world"], r["active"]) for r in reports] == [(0, 2, True), (1, 2, True)]
     assert all(r["decision"] == {"stop_after": 3} for r in reports)
