@@ -155,6 +155,9 @@ def predict_and_write(unit: Participant, settings: ParticipantSettings, device) 
     pre = cache.load_or_preprocess(settings.output_dir / "cache", unit.t1w, unit.flair, grid,
                                    n_threads=settings.n_threads, logger=log)
     writer.write_preprocessed(pre, config)
+    qc_warnings = preprocess.qc_warnings(pre.qc, pre.brain_extraction)
+    for warning in qc_warnings:
+        log.warning("%s: preprocessing QC: %s", unit.name, warning)
 
     channels = preprocess.channels_array(pre, config.channels)
     prediction = infer.predict(model, config, channels, pre.brain_mask, device, n_passes=settings.n_passes,
@@ -163,9 +166,10 @@ def predict_and_write(unit: Participant, settings: ParticipantSettings, device) 
     clusters = infer.find_clusters(prediction.prob_template, grid, config.voxel_threshold, config.min_cluster_mm3,
                                    to_scanner_mm=lambda points: preprocess.template_points_to_scanner(points, pre),
                                    native_voxel_volume_scale=native_scale)
-    outputs = writer.write_prediction(pre, prediction, clusters, config, model_path)
+    outputs = writer.write_prediction(pre, prediction, clusters, config, model_path, qc_warnings)
     figures = preprocess.qc_figures(pre, settings.output_dir / f"sub-{unit.subject}" / "figures", unit.name)
-    report.write_participant_report(settings.output_dir, unit, pre, prediction, clusters, config, outputs, figures)
+    report.write_participant_report(settings.output_dir, unit, pre, prediction, clusters, config, outputs, figures,
+                                    qc_warnings)
     return (f"fcd_probability={prediction.fcd_probability:.3f} ({outputs['predicted']}), "
             f"{len(clusters)} candidate cluster(s)")
 
@@ -236,7 +240,8 @@ class UnitWriter:
                 unit.flair_entities, **{"from": "FLAIR", "to": "T1w", "mode": "image"}, suffix="xfm",
                 extension=".txt"))
 
-    def write_prediction(self, pre, prediction, clusters, config: ModelConfig, model_path: Path) -> dict:
+    def write_prediction(self, pre, prediction, clusters, config: ModelConfig, model_path: Path,
+                         qc_warnings: list[str]) -> dict:
         """Probability, saliency and uncertainty maps (native and template) and the prediction JSON."""
         from bids_fcd.preprocess import template_to_native
 
@@ -277,6 +282,7 @@ class UnitWriter:
                 "bids_fcd_version": __version__,
                 "n_passes": prediction.n_passes,
                 "clusters": [cluster.to_json() for cluster in clusters],
+                "qc_warnings": qc_warnings,
                 "notice": "Research use only; not a medical device. "
                           + ("The default model was trained on simulated lesions implanted in template and real "
                              "anatomy." if model_path == DEFAULT_MODEL.resolve() else

@@ -99,7 +99,7 @@ def _mm(point) -> str:
 
 
 def write_participant_report(output_dir: Path, unit, pre, prediction, clusters, config, outputs: dict,
-                             qc_figures: dict[str, Path]) -> Path:
+                             qc_figures: dict[str, Path], qc_warnings: list[str]) -> Path:
     """Write OUTPUT_DIR/sub-<label>[_ses-<label>].html; figures go to OUTPUT_DIR/sub-<label>/figures/."""
     figures_dir = output_dir / f"sub-{unit.subject}" / "figures"
     figures = prediction_figures(pre, prediction, clusters, figures_dir, unit.name)
@@ -124,12 +124,15 @@ def write_participant_report(output_dir: Path, unit, pre, prediction, clusters, 
 <style>
 body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; color: #222; }}
 .notice {{ background: #fff3cd; border: 1px solid #e0c060; padding: .6em 1em; }}
+.qc-warning {{ background: #fde0e0; border: 1px solid #b00020; padding: .6em 1em; }}
 .verdict {{ font-size: 1.4em; padding: .4em 0; }} .fcd {{ color: #b00020; }} .control {{ color: #1b5e20; }}
 table {{ border-collapse: collapse; margin: .5em 0; }} td, th {{ border: 1px solid #ccc; padding: .2em .6em; }}
 figure {{ display: inline-block; margin: .5em; }} img {{ max-width: 560px; }}
 </style></head><body>
 <h1>FCD report: {html.escape(unit.name)}</h1>
 <p class="notice"><strong>{html.escape(NOTICE)}</strong></p>
+{"".join(f'<p class="qc-warning"><strong>Preprocessing QC:</strong> {html.escape(w)}. Check the QC figures '
+         'below before reading the result.</p>' for w in qc_warnings)}
 <h2>Summary</h2>
 <p class="verdict {verdict_class}">Subject-level FCD probability <strong>{probability:.4f}</strong>
 (threshold {config.subject_threshold:.4f}): <strong>{html.escape(predicted)}</strong></p>

@@ -118,6 +118,7 @@ def test_report_holds_what_a_reader_needs(finished_run):
         assert f"FCD probability <strong>{prediction['fcd_probability']:.4f}</strong>" in page
         assert f"(threshold {prediction['threshold']:.4f}): <strong>{prediction['predicted']}</strong>" in page
         assert "Model <code>tiny-test-model</code> version test" in page
+        assert all(f"Preprocessing QC:</strong> {warning}" in page for warning in prediction["qc_warnings"])
         for cluster in prediction["clusters"][:3]:
             assert cluster["region"] in page and f"candidate {cluster['id']}: T1w + saliency" in page
         if not prediction["clusters"]:

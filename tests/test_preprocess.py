@@ -372,6 +372,25 @@ def test_qc_metrics_catch_a_wrong_transform(name, request):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["preprocessed_stroke", "preprocessed_ms"])
+def test_qc_warnings_stay_silent_on_real_scans_and_speak_on_a_wrong_transform(name, request):
+    """The warning bounds sit below what real scans measure, above what a wrong transform gives."""
+    from bids_fcd.preprocess import qc_warnings
+
+    pre = request.getfixturevalue(name)
+    assert qc_warnings(pre.qc, pre.brain_extraction) == []
+    rotated = {key: ndimage.rotate(volume, 25.0, axes=(1, 2), reshape=False, order=order)
+               for key, volume, order in (("t1w", pre.t1w, 1), ("flair", pre.flair, 1), ("mask", pre.brain_mask, 0))}
+    qc = {**pre.qc, **alignment_qc(rotated["t1w"], rotated["flair"], rotated["mask"], pre.grid)}
+    found = qc_warnings(qc, pre.brain_extraction)
+    assert any(w.startswith("dice_brain_mask_vs_template") for w in found), found
+    flair_elsewhere = np.roll(pre.flair, 4, axis=1)  # 6 mm off: as if from another scan
+    qc = {**pre.qc, **alignment_qc(pre.t1w, flair_elsewhere, pre.brain_mask, pre.grid)}
+    assert any(w.startswith("flair_t1w_gradient_correlation") for w in qc_warnings(qc, "deepbet"))
+    assert qc_warnings(pre.qc, "template-fallback")[0].startswith("brain extraction failed")
+
+
+@pytest.mark.slow
 def test_template_map_round_trips_through_the_native_t1w_grid(preprocessed_ms, tmp_path):
     pre = preprocessed_ms
     centre = np.array([-40.0, -20.0, 30.0])  # left parietal white matter, template RAS mm
