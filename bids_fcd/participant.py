@@ -108,6 +108,10 @@ def require_images(unit: Participant, channels: tuple[str, ...]) -> None:
             return f"no {suffix} image in {folder} passes the --bids_filter_file query (it excludes {excluded})"
         return f"no {suffix} image found in {folder}"
 
+    for image in (unit.t1w, unit.flair):
+        if image is not None and image.is_symlink() and not image.exists():
+            raise MissingImageError(f"{unit.name}: {image} is a broken symlink to {os.readlink(image)} "
+                                    "(a DataLad file not yet fetched? `datalad get` it)")
     if unit.t1w is None:
         raise MissingImageError(f"{unit.name}: {absent('T1w')}")
     if "FLAIR" in channels and unit.flair is None:

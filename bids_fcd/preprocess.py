@@ -131,7 +131,7 @@ def preprocess(
             flair = n4_bias_correct(flair) if flair is not None else None
         with _timer(seconds, "brain_extraction"):
             mask_t1w, problem = extract_brain(t1w)
-        with _timer(seconds, "register_t1w_to_template"):
+        with _timer(seconds, "register_t1w_to_template"), _registration_of(t1w_path, "the template"):
             if problem is None:
                 brain_extraction = "deepbet"
                 xfm_t1w_to_template = register_t1w_to_template(t1w * sitk.Cast(mask_t1w, sitk.sitkFloat32))
@@ -143,7 +143,7 @@ def preprocess(
                 mask_t1w = _resample(_template_mask_sitk(), t1w, xfm_t1w_to_template.GetInverse()) >= 0.5
         xfm_flair_to_t1w = None
         if flair is not None:
-            with _timer(seconds, "register_flair_to_t1w"):
+            with _timer(seconds, "register_flair_to_t1w"), _registration_of(flair_path, "its T1w"):
                 xfm_flair_to_t1w = register_flair_to_t1w(t1w, flair, mask_t1w)
         with _timer(seconds, "resample"):
             reference = grid_image(grid)
@@ -231,6 +231,9 @@ def load_ras(path: Path) -> tuple[np.ndarray, np.ndarray]:
     finite = np.isfinite(data)
     if not finite.any():
         raise InvalidImageError(path, "has no finite intensities (all NaN or infinite)")
+    if not finite.all():
+        _log.warning("%s: %d NaN or infinite voxels (%.1f %%) set to 0", path, (~finite).sum(),
+                     100.0 * (~finite).mean())
     data[~finite] = 0.0
     if data.min() == data.max():
         raise InvalidImageError(path, f"is constant (every voxel is {data.flat[0]:g})")
@@ -279,6 +282,16 @@ def extract_brain(t1w: sitk.Image) -> tuple[sitk.Image, str | None]:
     if not low <= volume_ml <= high:
         return mask_sitk, f"mask volume {volume_ml:.0f} mL is outside {low:.0f}..{high:.0f} mL"
     return mask_sitk, None
+
+
+@contextlib.contextmanager
+def _registration_of(path: Path, target: str):
+    """ITK's registration errors (e.g. no sample points in a tiny field of view) as bad input naming the image."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise InvalidImageError(path, f"cannot be registered to {target} (field of view or grid too small?): "
+                                      f"{str(err).strip()[-300:]}") from err
 
 
 def register_t1w_to_template(t1w_brain: sitk.Image, fixed_mask: sitk.Image | None = None) -> sitk.AffineTransform:

@@ -206,3 +206,14 @@ def test_split_values_other_than_train_or_test_are_warned(tmp_path, caplog):
                         [{"participant_id": "sub-01", "group": "fcd", "split": "holdout"}])
     (unit,) = discover(root)
     assert unit.split is None and "split 'holdout' is neither train nor test" in caplog.text
+
+
+def test_a_broken_symlink_is_named_as_such(tmp_path):
+    from bids_fcd.participant import MissingImageError, require_images
+
+    root = make_dataset(tmp_path / "bids", {"sub-01": ["anat/sub-01_T1w.nii.gz", "anat/sub-01_FLAIR.nii.gz"]})
+    (unit,) = discover(root)
+    unit.t1w.unlink()
+    unit.t1w.symlink_to(tmp_path / "annex" / "not-fetched.nii.gz")
+    with pytest.raises(MissingImageError, match="broken symlink to .*not-fetched.nii.gz .*datalad get"):
+        require_images(unit, ("T1w", "FLAIR"))

@@ -200,11 +200,21 @@ def test_single_volume_4d_lps_image_loads_as_3d_ras_with_scanner_coordinates_kep
                                nib.affines.apply_affine(affine_lps, [5, 6, 7]))
 
 
-def test_partly_nan_image_is_kept_with_nan_as_zero(tmp_path):
+def test_partly_nan_image_is_kept_with_nan_as_zero_and_said_so(tmp_path, caplog):
     data = head_like()
     data[:3] = np.nan
     ras, _ = load_ras(write_nifti(tmp_path / "nan_T1w.nii.gz", data))
     assert np.isfinite(ras).all() and (ras[:3] == 0).all()
+    assert f"nan_T1w.nii.gz: {3 * data[0].size} NaN or infinite voxels" in caplog.text
+
+
+def test_a_registration_itk_cannot_run_is_bad_input_naming_the_image():
+    from bids_fcd.preprocess import InvalidImageError, _registration_of
+
+    with (pytest.raises(InvalidImageError, match=r"sub-01_FLAIR.nii.gz: cannot be registered to its T1w") as info,
+          _registration_of(Path("sub-01_FLAIR.nii.gz"), "its T1w")):
+        raise RuntimeError("VirtualSampledPointSet must have 1 or more points")
+    assert "1 or more points" in str(info.value)
 
 
 def test_implausible_deepbet_mask_volume_is_rejected(monkeypatch):
