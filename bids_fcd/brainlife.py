@@ -191,7 +191,13 @@ def write_outputs(derivatives_dir: Path, output_dir: Path) -> dict:
     report_dir = output_dir / "report"
     shutil.rmtree(report_dir, ignore_errors=True)
     report_dir.mkdir(parents=True)
-    shutil.copyfile(report, report_dir / "index.html")
+    # The report names the BIDS derivatives; on Brainlife they are delivered under the output names instead.
+    delivered = ", ".join(f"{target} (from {derivative_path({}, SUBJECT, None, **entities).name})"
+                          for target, entities in OUTPUT_FILES.items())
+    page = report.read_text(encoding="utf-8").replace(
+        "<h2>Inputs and outputs</h2>",
+        f"<h2>Inputs and outputs</h2>\n<p>In this Brainlife job the outputs are delivered as: {delivered}.</p>", 1)
+    write_text(report_dir / "index.html", page)
     figures = derivatives_dir / f"sub-{SUBJECT}" / "figures"
     if figures.is_dir():  # the report links them as sub-01/figures/..., relative to itself
         shutil.copytree(figures, report_dir / f"sub-{SUBJECT}" / "figures")

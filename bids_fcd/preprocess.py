@@ -223,6 +223,12 @@ def load_ras(path: Path) -> tuple[np.ndarray, np.ndarray]:
     affine = image.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InvalidImageError(path, "its affine is singular or not finite")
+    sform, sform_code = image.header.get_sform(coded=True) if hasattr(image.header, "get_sform") else (None, 0)
+    qform, qform_code = image.header.get_qform(coded=True) if hasattr(image.header, "get_qform") else (None, 0)
+    if sform_code and qform_code and not np.allclose(sform, qform, atol=1e-3):
+        # nibabel (and so this app) uses the sform; tools that prefer the qform would place the scan elsewhere
+        _log.warning("%s: its sform and qform disagree (voxel (0,0,0) at %s vs %s mm); the sform is used", path,
+                     np.round(sform[:3, 3], 1).tolist(), np.round(qform[:3, 3], 1).tolist())
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     low, high = VOXEL_SIZE_LIMITS_MM
     if np.any(zooms < low) or np.any(zooms > high):

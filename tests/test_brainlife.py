@@ -172,7 +172,8 @@ def fake_derivatives(root: Path) -> Path:
     figures = root / "sub-01" / "figures"
     figures.mkdir(parents=True)
     (figures / "sub-01_desc-prob_overlay.png").write_bytes(b"png")
-    (root / "sub-01.html").write_text('<img src="sub-01/figures/sub-01_desc-prob_overlay.png">')
+    (root / "sub-01.html").write_text('<img src="sub-01/figures/sub-01_desc-prob_overlay.png">\n'
+                                      "<h2>Inputs and outputs</h2><table></table>")
     return root
 
 
@@ -188,6 +189,8 @@ def test_outputs_are_the_participants_maps_report_and_prediction(tmp_path):
     index = (output / "report" / "index.html").read_text()
     for link in re.findall(r'src="([^"]+)"', index):
         assert (output / "report" / link).is_file(), f"the report's link {link} is broken"
+    # the report names BIDS derivatives; the Brainlife copy says where each was delivered
+    assert "probability/probability.nii.gz (from sub-01_label-FCD_probseg.nii.gz)" in index
 
 
 def test_product_carries_the_subject_probability_and_a_ui_message(tmp_path):

@@ -208,6 +208,23 @@ def test_partly_nan_image_is_kept_with_nan_as_zero_and_said_so(tmp_path, caplog)
     assert f"nan_T1w.nii.gz: {3 * data[0].size} NaN or infinite voxels" in caplog.text
 
 
+def test_disagreeing_sform_and_qform_are_warned_about_and_the_sform_used(tmp_path, caplog):
+    data = head_like()
+    affine = np.diag([1.2, 1.2, 1.5, 1.0])
+    image = nib.Nifti1Image(data, affine)
+    moved = affine.copy()
+    moved[:3, 3] += 40.0
+    image.set_qform(moved, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, tmp_path / "forms_T1w.nii.gz")
+    _, loaded = load_ras(tmp_path / "forms_T1w.nii.gz")
+    assert "forms_T1w.nii.gz: its sform and qform disagree" in caplog.text
+    assert np.allclose(loaded[:3, :3], affine[:3, :3])  # the sform's geometry
+    caplog.clear()
+    load_ras(write_nifti(tmp_path / "agree_T1w.nii.gz", data))
+    assert "disagree" not in caplog.text
+
+
 def test_a_registration_itk_cannot_run_is_bad_input_naming_the_image():
     from bids_fcd.preprocess import InvalidImageError, _registration_of
 
