@@ -324,11 +324,7 @@ def detector_figures_ci(labels: Sequence[int], probabilities: Sequence[float], c
                                 cases, n_boot=n_boot, seed=seed,
                                 groups=None if groups is None else np.asarray(groups))
     point = detector_figures(labels, probabilities, list(cases), threshold)
-    intervals = {}
-    for key in point:
-        interval = percentile_ci([sample[key] for sample in samples], n_boot)
-        intervals[key] = list(interval) if interval else None
-    return intervals
+    return {key: entry["ci95"] for key, entry in _with_ci(point, samples, list(point), n_boot).items()}
 
 
 def band_labels(edges: Sequence[float], unit: str) -> list[str]:
