@@ -29,7 +29,7 @@ import SimpleITK as sitk
 from bids_fcd.preprocess import Preprocessed, preprocess, write_transform
 from bids_fcd.template import Grid
 
-PREPROCESS_VERSION = "1"  # bump whenever preprocessing's output changes
+PREPROCESS_VERSION = "2"  # bump whenever preprocessing's output changes (2: rotation search before the affine)
 
 _ARRAYS = "arrays.npz"
 _METADATA = "preprocessed.json"
