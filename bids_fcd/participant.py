@@ -53,16 +53,17 @@ class UnitResult:
 def exit_code_for(error: Exception) -> int:
     """The contract's per-participant codes: 65 bad image (or model checkpoint), 66 missing image, 74 I/O;
     anything else 1."""
+    from bids_fcd import cli
     from bids_fcd.models import CheckpointError
     from bids_fcd.preprocess import InvalidImageError
 
     if isinstance(error, (InvalidImageError, CheckpointError)):
-        return 65
+        return cli.EXIT_BAD_DATA
     if isinstance(error, (MissingImageError, FileNotFoundError)):
-        return 66
+        return cli.EXIT_MISSING_INPUT
     if isinstance(error, OSError):
-        return 74
-    return 1
+        return cli.EXIT_IO
+    return cli.EXIT_PARTICIPANT_FAILED
 
 
 def run_participant(unit: Participant, settings: ParticipantSettings) -> UnitResult:
