@@ -15,7 +15,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from bids_fcd import cli
+from bids_fcd import exit_codes
 from bids_fcd.derivatives import init_output_dataset
 from bids_fcd.inputs import InputError, LabelSpec, Participant, discover
 from bids_fcd.participant import DEFAULT_MODEL, ParticipantSettings, UnitResult, run_participant
@@ -40,12 +40,12 @@ def run_app(args: argparse.Namespace) -> int:
         except ValidatorError as err:
             log.error("BIDS validation of %s could not run: %s\nFix the validator's environment, or rerun with "
                       "--skip_bids_validator.", bids_dir, err)
-            return cli.EXIT_VALIDATION
+            return exit_codes.EXIT_VALIDATION
         if result.blocking:
             log.error("BIDS validation failed for %s with %d error(s) in the selected participants or "
                       "dataset_description.json:\n%s\nFix them, or rerun with --skip_bids_validator.",
                       bids_dir, len(result.blocking), result.summary())
-            return cli.EXIT_VALIDATION
+            return exit_codes.EXIT_VALIDATION
 
     label_spec = LabelSpec(column=args.label_column, positive=args.positive_label)
     try:
@@ -67,7 +67,7 @@ def run_participants(args: argparse.Namespace, units: list[Participant]) -> int:
     model_path = args.model or DEFAULT_MODEL
     if not Path(model_path).is_file():
         log.error("model checkpoint %s does not exist", model_path)
-        return cli.EXIT_MISSING_INPUT
+        return exit_codes.EXIT_MISSING_INPUT
     # Each run gets its own scratch folder, so parallel jobs sharing OUTPUT_DIR never delete each other's.
     work_root = Path(args.work_dir or args.output_dir / "work")
     work_root.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def run_participants(args: argparse.Namespace, units: list[Participant]) -> int:
                 results.append(future.result())
                 report_progress(index, len(units), results[-1])
     code = summarise(results)
-    if code == cli.EXIT_OK:
+    if code == exit_codes.EXIT_OK:
         shutil.rmtree(work_dir, ignore_errors=True)
         if args.work_dir is None and not any(work_root.iterdir()):
             work_root.rmdir()
@@ -112,8 +112,8 @@ def summarise(results: list[UnitResult]) -> int:
     for result in failed:
         log.error("  %s failed (exit %d): %s", result.name, result.code, result.message)
     if not failed:
-        return cli.EXIT_OK
+        return exit_codes.EXIT_OK
     codes = {r.code for r in failed}
     if len(failed) == len(results) and len(codes) == 1:
         return codes.pop()
-    return cli.EXIT_PARTICIPANT_FAILED
+    return exit_codes.EXIT_PARTICIPANT_FAILED

@@ -7,7 +7,7 @@ encode?
   that scores no better than this may be reading the scanner, not the lesion (`shortcut_warning`).
 - `harmonise`: ComBat (neuroCombat 0.2.12) of the encoder's global-pooled features by site, with the label as
   a protected covariate, after `confounding` checks that site and label are not (nearly) collinear; its
-  estimates are kept so `harmonise_new` can apply them to new participants (neuroCombatFromTraining's rule).
+  estimates are written beside the model (`combat_estimates.json`), a record of the site effects removed.
 - `embed`: 2-D UMAP / t-SNE / PCA embeddings of the features before and after harmonisation, for the report.
 """
 
@@ -227,7 +227,7 @@ def harmonise(features: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> tu
 
     Features with no variance are passed through unchanged (ComBat divides by their variance); their
     indices are in the estimates as "kept_features". The estimates keep neuroCombat's names, with "mod.mean"
-    reduced to its per-feature mean (F, 1), all `harmonise_new` (and neuroCombatFromTraining) needs.
+    reduced to its per-feature mean (F, 1), as neuroCombatFromTraining reads them.
     """
     from neuroCombat import neuroCombat
 
@@ -244,32 +244,6 @@ def harmonise(features: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> tu
                                                             "delta.star")},
                  "mod.mean": np.asarray(found["mod.mean"]).mean(axis=1, keepdims=True)}
     return harmonised, estimates
-
-
-def harmonise_new(features: np.ndarray, batch: np.ndarray, estimates: dict) -> np.ndarray:
-    """Apply stored ComBat `estimates` to (N, F) features of new participants, whose sites must be known.
-
-    The arithmetic of neuroCombat's `neuroCombatFromTraining` (its own function fails under numpy >= 2.4:
-    `int()` of a one-element array): standardise with the pooled mean (plus the average covariate effect,
-    the new participants' labels being unknown) and variance, remove the site's empirical-Bayes location and
-    scale, and undo the standardisation.
-    """
-    batches = [str(b) for b in estimates["batches"]]
-    batch = np.asarray(batch).astype(str)
-    unknown = sorted(set(batch) - set(batches))
-    if unknown:
-        raise ValueError(f"sites {unknown} were not in the ComBat training data ({batches})")
-    kept = np.asarray(estimates["kept_features"], dtype=int)
-    index = np.array([batches.index(b) for b in batch])
-    scale = np.sqrt(np.asarray(estimates["var.pooled"], dtype=float)[:, 0])  # (F,)
-    mean = (np.asarray(estimates["stand.mean"], dtype=float)[:, 0]
-            + np.asarray(estimates["mod.mean"], dtype=float).mean(axis=1))  # (F,)
-    gamma = np.asarray(estimates["gamma.star"], dtype=float)[index]  # (N, F)
-    delta = np.asarray(estimates["delta.star"], dtype=float)[index]
-    standardised = (features[:, kept] - mean) / scale
-    harmonised = features.copy()
-    harmonised[:, kept] = (standardised - gamma) / np.sqrt(delta) * scale + mean
-    return harmonised
 
 
 def site_predictability(features: np.ndarray, batch: np.ndarray, seed: int = 0) -> float | None:

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bids_fcd import __version__, cli
+from bids_fcd import __version__, cli, exit_codes
 from bids_fcd.config import TEMPLATE_SPACE
 from bids_fcd.derivatives import derivative_path, write_json, write_text
 from bids_fcd.inputs import same_grid
@@ -57,7 +57,7 @@ OUTPUT_FILES = {
 class ConfigError(Exception):
     """config.json is unusable; `exit_code` is the contract's code (64 usage, 65 bad image, 66 missing)."""
 
-    def __init__(self, message: str, exit_code: int = cli.EXIT_USAGE):
+    def __init__(self, message: str, exit_code: int = exit_codes.EXIT_USAGE):
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -82,7 +82,7 @@ def read_config(path: Path) -> BrainlifeConfig:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
-        raise ConfigError(f"{path} not found", cli.EXIT_MISSING_INPUT) from err
+        raise ConfigError(f"{path} not found", exit_codes.EXIT_MISSING_INPUT) from err
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(raw, dict):
@@ -98,13 +98,13 @@ def read_config(path: Path) -> BrainlifeConfig:
             if key == "mask":
                 continue
             raise ConfigError(f"{path}: {key!r} is required (path to the {key.upper()} NIfTI image)",
-                              cli.EXIT_MISSING_INPUT)
+                              exit_codes.EXIT_MISSING_INPUT)
         image = (path.parent / str(given[key])).absolute()
         if not image.is_file():
-            raise ConfigError(f"{path}: {key} image {image} does not exist", cli.EXIT_MISSING_INPUT)
+            raise ConfigError(f"{path}: {key} image {image} does not exist", exit_codes.EXIT_MISSING_INPUT)
         if not image.name.endswith(NIFTI_EXTENSIONS):
             raise ConfigError(f"{path}: {key} image {image.name} is not NIfTI (.nii or .nii.gz)",
-                              cli.EXIT_BAD_DATA)
+                              exit_codes.EXIT_BAD_DATA)
         images[key] = image
     options = {key: _integral(given[key]) for key in OPTION_KEYS if key in given}
     for key, value in options.items():  # the app's own parser, so that the message names the config key
@@ -277,13 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         code = cli.main(participant_argv(config, bids_dir, derivatives_dir))
     finally:
         logging.getLogger().removeHandler(errors)
-    if code != cli.EXIT_OK:
+    if code != exit_codes.EXIT_OK:
         write_json(job_dir / "product.json", failure_product(failure_message(derivatives_dir, code, errors.lines)))
         return code
     product = write_outputs(derivatives_dir, job_dir / "output")
     write_json(job_dir / "product.json", product)
     log.info("Brainlife outputs in %s: %s", job_dir / "output", product["brainlife"][0]["msg"])
-    return cli.EXIT_OK
+    return exit_codes.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -14,18 +14,15 @@ from pathlib import Path
 
 from bids_fcd import __version__
 from bids_fcd.config import DEFAULT_N_PASSES
+from bids_fcd.exit_codes import (
+    EXIT_CANNOT_CREATE_OUTPUT,
+    EXIT_MISSING_INPUT,
+    EXIT_OK,
+    EXIT_UNKNOWN_LEVEL,
+    EXIT_USAGE,
+)
 from bids_fcd.inputs import InputError, read_filter_file, validate_labels
 
-EXIT_OK = 0
-EXIT_PARTICIPANT_FAILED = 1
-EXIT_VALIDATION = 16
-EXIT_UNKNOWN_LEVEL = 17
-EXIT_EMPTY_SELECTION = 18
-EXIT_USAGE = 64
-EXIT_BAD_DATA = 65
-EXIT_MISSING_INPUT = 66
-EXIT_CANNOT_CREATE_OUTPUT = 73
-EXIT_IO = 74
 ANALYSIS_LEVELS = ("participant", "group")
 
 log = logging.getLogger("bids_fcd")
@@ -153,8 +150,8 @@ def seed_int(text: str) -> int:
     return value
 
 
-def setup_logging(verbose: bool = True) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("bids", "nibabel", "matplotlib", "PIL", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

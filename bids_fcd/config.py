@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 TEMPLATE_SPACE = "MNI152NLin2009aSym"
+NORMALISATION = "robust-percentile"  # the one intensity scaling `preprocess.normalise_intensity` does
 DEFAULT_N_PASSES = 4  # test-time passes of the participant level; thresholds are chosen on maps made this way
 
 
@@ -24,7 +25,8 @@ class ModelConfig:
         channels: input modalities in channel order, BIDS suffixes ("T1w", "FLAIR").
         grid_spacing_mm: isotropic voxel size of the template-space model grid, in mm.
         grid_shape: voxels of the model grid (X, Y, Z), RAS+ axis order; see `bids_fcd.template.model_grid`.
-        normalisation: how intensities inside the brain are scaled (name understood by `preprocess`).
+        normalisation: how intensities inside the brain are scaled; only `NORMALISATION` exists, and a
+            checkpoint naming another is refused (as is one for another `template_space`).
         arch_params: keyword arguments of the architecture (width, dropout, ...).
         subject_threshold: operating point on the subject-level FCD probability.
         voxel_threshold: probability at which the voxel map is cut into candidate clusters.
@@ -37,7 +39,7 @@ class ModelConfig:
     channels: tuple[str, ...] = ("T1w", "FLAIR")
     grid_spacing_mm: float = 1.5
     grid_shape: tuple[int, int, int] = (112, 128, 112)
-    normalisation: str = "robust-percentile"
+    normalisation: str = NORMALISATION
     arch_params: dict = field(default_factory=dict)
     subject_threshold: float = 0.5
     voxel_threshold: float = 0.5

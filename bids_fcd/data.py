@@ -8,7 +8,7 @@
 - Augmentation comes in two forms. On the CPU, TorchIO per volume in the DataLoader workers
   (`torchio_transform`). On the GPU, `BatchAugmentation` on whole batches (flips, affine grids, smooth bias,
   gamma, noise), split the TorchIO way: `sample(generator, n) -> params` draws every random value,
-  `apply(batch, params)` is deterministic, so a logged params dict replays the exact augmentation. Arrays are
+  `apply(batch, params)` is deterministic, so the same params (or the same seed) replay the exact augmentation. Arrays are
   (N, C, X, Y, Z), RAS+ template axes.
 """
 
@@ -196,8 +196,8 @@ def stratified_group_folds(labels: np.ndarray, sites: np.ndarray, groups: np.nda
                            seed: int) -> np.ndarray:
     """Fold index per row: stratified by label x site, rows of one group (participant) in one fold.
 
-    Uses sklearn's StratifiedGroupKFold on the participant-level strata (a participant's sessions share one
-    label; the site of its first session stands for all).
+    Uses sklearn's StratifiedGroupKFold on per-row label x site strata with the participant as the group, so a
+    participant's sessions (one label) land in one fold even when their sites differ.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -405,7 +405,7 @@ class TorchIOAugmentation:
 class BatchAugmentation:
     """Batched augmentation on the batch's device; `sample` draws, `apply` replays.
 
-    params (all CPU tensors, one row per volume; `params_to_json` makes them loggable):
+    params (all CPU tensors, one row per volume):
         flip (N,) bool: left-right flip.
         affine (N,) bool, rotation_deg (N, 3), scale (N, 3), translation_vox (N, 3): the affine resampling,
             rotation about X, Y, Z in degrees, scaling per axis, shift in voxels of the model grid.
@@ -504,13 +504,3 @@ def affine_theta(rotation_deg: torch.Tensor, scale: torch.Tensor, translation_vo
     reverse = [2, 1, 0]
     theta = torch.cat([linear[:, reverse][:, :, reverse], shift[:, reverse, None]], dim=2)  # (N, 3, 4)
     return theta.float()
-
-
-def params_to_json(params: dict[str, torch.Tensor]) -> dict[str, list]:
-    """Augmentation params as plain lists (for logs and for replay through `params_from_json`)."""
-    return {key: value.tolist() for key, value in params.items()}
-
-
-def params_from_json(values: dict[str, list]) -> dict[str, torch.Tensor]:
-    dtypes = {"flip": torch.bool, "affine": torch.bool, "noise_seed": torch.int64}
-    return {key: torch.tensor(value, dtype=dtypes.get(key, torch.float32)) for key, value in values.items()}

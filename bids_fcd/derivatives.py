@@ -108,10 +108,9 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32,
-                header: nib.Nifti1Header | None = None) -> Path:
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> Path:
     """Save `data` (X, Y, Z) with `affine` (voxel -> RAS+ mm) as NIfTI-1, atomically, with mm units."""
-    image = nib.Nifti1Image(np.asarray(data).astype(dtype), affine, header)
+    image = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
     image.header.set_data_dtype(dtype)
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
@@ -141,7 +140,8 @@ def container_info() -> dict | None:
 
 
 def source_dataset_entry(bids_dir: Path) -> dict:
-    """SourceDatasets entry: the DOI and version of the input when it declares them, else its location."""
+    """SourceDatasets entry: the input's location, and its DOI when it declares one (OpenNeuro's DOIs name the
+    version, e.g. doi:10.18112/openneuro.ds004199.v1.0.6; BIDS has no other version field for a raw dataset)."""
     description_path = Path(bids_dir) / "dataset_description.json"
     description = json.loads(description_path.read_text(encoding="utf-8-sig"))
     entry = {"URL": Path(bids_dir).resolve().as_uri()}

@@ -27,7 +27,7 @@ VOXEL_THRESHOLD_RULE = (f"lowest of 0.05, 0.10, ..., 0.95 with at most {MAX_FP_P
                         "candidate clusters per participant whose lesion is known (all clusters of a control, those "
                         "off the mask in a patient), which maximises lesion detection within that bound; where none "
                         "meets it, the one with the fewest")
-CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, as infer.find_clusters
+CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 # Lesion-volume bands for "which lesions are missed": about the thirds of the log-uniform 0.5-8 mL range the
 # synthetic lesions are drawn from.
 LESION_VOLUME_EDGES_ML = (1.0, 3.0)
@@ -198,7 +198,9 @@ def subject_metrics_with_ci(y_true: np.ndarray, prob: np.ndarray, threshold: flo
 
 
 def candidate_clusters(prob: np.ndarray, voxel_threshold: float, min_voxels: int) -> tuple[np.ndarray, int]:
-    """(X, Y, Z) int32 labels 1..n of the candidate clusters kept, and n (as `infer.find_clusters` cuts)."""
+    """(X, Y, Z) int32 labels 1..n of the candidate clusters kept, and n: 26-connected components of
+    `prob >= voxel_threshold` of at least `min_voxels` voxels. `infer.find_clusters` cuts the participant level's
+    candidates with this too, so the evaluations count exactly the clusters a user is shown."""
     labels, n = ndimage.label(prob >= voxel_threshold, structure=CONNECTIVITY)
     if n == 0:
         return labels.astype(np.int32), 0

@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bids_fcd import __version__
-from bids_fcd.audit import AuditReport
+from bids_fcd.audit import SHORTCUT_AUROC, AuditReport
 from bids_fcd.config import ModelConfig
 from bids_fcd.derivatives import atomic_path, write_text
 
@@ -254,7 +254,8 @@ def audit_figure(summary: GroupSummary, figures: Path) -> tuple[str, Path]:
             values.append(entry.get(model) or 0.0)
     fig, ax = _figure(figsize=(1.3 * len(names) + 2, 3.8))
     ax.bar(range(len(names)), values, color=["#333"] + ["#e07b00"] * (len(names) - 1))
-    ax.axhline(0.8, color="#b00020", linestyle="--", linewidth=1, label="warning level 0.8")
+    ax.axhline(SHORTCUT_AUROC, color="#b00020", linestyle="--", linewidth=1,
+               label=f"metadata at or above {SHORTCUT_AUROC} always warns")
     ax.set(xticks=range(len(names)), xticklabels=names, ylim=(0, 1.02), ylabel="AUROC (same folds)",
            title="Shortcut audit: image model vs metadata only")
     ax.tick_params(axis="x", labelsize=8)

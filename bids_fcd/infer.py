@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -23,7 +24,8 @@ from scipy import ndimage
 from torch import nn
 
 from .config import DEFAULT_N_PASSES, ModelConfig
-from .explain import DEFAULT_CAM_STAGE, grad_cam_pass
+from .evaluate import candidate_clusters
+from .explain import grad_cam_pass
 from .template import Grid
 
 FLIP_AXIS = 2  # X of (N, C, X, Y, Z): left-right on the RAS+ grid, which the symmetric template mirrors at x = 0
@@ -71,15 +73,14 @@ def _set_mc_dropout(model: nn.Module, active: bool) -> None:
 
 
 def predict(model: nn.Module, config: ModelConfig, channels: np.ndarray, brain_mask: np.ndarray,
-            device: torch.device, n_passes: int = DEFAULT_N_PASSES, seed: int = 0,
-            cam_stage: str = DEFAULT_CAM_STAGE) -> Prediction:
+            device: torch.device, n_passes: int = DEFAULT_N_PASSES, seed: int = 0) -> Prediction:
     """Test-time-augmented prediction for one participant.
 
-    Pass 1 is the un-flipped input in eval mode and also gives the HiResCAM saliency. Passes 2..n alternate
-    left-right flipped and un-flipped inputs (flipped outputs are flipped back) and, when the model has dropout
-    (`arch_params["dropout"] > 0`), sample MC dropout. Mean and standard deviation are taken over all passes.
-    fp32 throughout: bf16 autocast was slower for the seed's MobileNetV3-Small-3D on an H100 (ARCHITECTURE.md);
-    benchmarks/bench_model.py times both on CUDA.
+    Pass 1 is the un-flipped input in eval mode and also gives the HiResCAM saliency (explain's default stage).
+    Passes 2..n alternate left-right flipped and un-flipped inputs (flipped outputs are flipped back) and, when
+    the model has dropout (`arch_params["dropout"] > 0`), sample MC dropout. Mean and standard deviation are
+    taken over all passes. fp32 throughout: bf16 autocast was slower for the seed's MobileNetV3-Small-3D on an
+    H100 (ARCHITECTURE.md); benchmarks/bench_model.py times both on CUDA.
 
     Args:
         model: from `bids_fcd.models.build_model` / `load_checkpoint`; moved to `device`, left in eval mode.
@@ -89,7 +90,6 @@ def predict(model: nn.Module, config: ModelConfig, channels: np.ndarray, brain_m
         device: from `select_device`.
         n_passes: total passes (>= 1).
         seed: seeds the dropout masks, so a run replays exactly (the global RNG is left as it was).
-        cam_stage: encoder stage for the saliency map (see `bids_fcd.explain`).
     """
     expected = (len(config.channels), *config.grid_shape)
     if channels.shape != expected or brain_mask.shape != expected[1:]:
@@ -104,7 +104,7 @@ def predict(model: nn.Module, config: ModelConfig, channels: np.ndarray, brain_m
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        saliency, first = grad_cam_pass(model, x, mask_np, cam_stage)
+        saliency, first = grad_cam_pass(model, x, mask_np)
         voxel_logits, subject_logits = [first["voxel_logits"][:, 0]], [first["subject_logits"]]
         flips = [i % 2 == 1 for i in range(1, n_passes)]
         try:
@@ -182,15 +182,14 @@ def find_clusters(prob_template: np.ndarray, grid: Grid, voxel_threshold: float,
     Evidence is the sum of probabilities in a component; ids are 1..n in that order. The peak is the voxel of
     highest probability, the centroid the unweighted mean of the component's voxel centres.
     """
-    labels, n = ndimage.label(prob_template >= voxel_threshold, structure=np.ones((3, 3, 3), dtype=bool))
+    min_voxels = max(1, math.ceil(min_volume_mm3 / grid.voxel_volume_mm3))  # as ModelConfig.min_cluster_voxels
+    labels, n = candidate_clusters(prob_template, voxel_threshold, min_voxels)  # as the evaluations cut them
     if n == 0:
         return []
     index = np.arange(1, n + 1)
     counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     evidence = np.bincount(labels.ravel(), weights=prob_template.ravel().astype(np.float64), minlength=n + 1)[1:]
-    keep = [i for i in np.argsort(-evidence, kind="stable") if counts[i] * grid.voxel_volume_mm3 >= min_volume_mm3]
-    if not keep:
-        return []
+    keep = np.argsort(-evidence, kind="stable")
     peaks_vox = np.array(ndimage.maximum_position(prob_template, labels, index[keep]), dtype=float)  # (k, 3)
     centroids_vox = np.array(ndimage.center_of_mass(labels > 0, labels, index[keep]), dtype=float)  # (k, 3)
     peaks_template = nib.affines.apply_affine(grid.affine, peaks_vox)  # (k, 3) template mm

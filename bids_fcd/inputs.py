@@ -20,6 +20,8 @@ from bids import BIDSLayout
 from bids.exceptions import BIDSValidationError
 from bids.layout import Config
 
+from bids_fcd.exit_codes import EXIT_BAD_DATA, EXIT_EMPTY_SELECTION, EXIT_MISSING_INPUT, EXIT_USAGE
+
 log = logging.getLogger(__name__)
 
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
@@ -83,7 +85,7 @@ def validate_labels(labels: list[str] | None, prefix: str, kind: str) -> list[st
     bare = [strip_prefix(label, prefix) for label in labels]
     bad = [label for label in bare if not LABEL_PATTERN.match(label)]
     if bad:
-        raise InputError(f"invalid {kind} label(s) {bad}: BIDS labels are alphanumeric", 64)
+        raise InputError(f"invalid {kind} label(s) {bad}: BIDS labels are alphanumeric", EXIT_USAGE)
     return bare
 
 
@@ -94,23 +96,23 @@ def read_filter_file(path: Path | None) -> dict:
     try:
         filters = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"--bids_filter_file {path}: cannot read JSON ({err})", 64) from err
+        raise InputError(f"--bids_filter_file {path}: cannot read JSON ({err})", EXIT_USAGE) from err
     if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
-        raise InputError(f"--bids_filter_file {path}: expected an object of objects, e.g. {{'t1w': {{...}}}}", 64)
+        raise InputError(f"--bids_filter_file {path}: expected an object of objects, e.g. {{'t1w': {{...}}}}", EXIT_USAGE)
     unknown = set(filters) - set(MODALITY_SUFFIX)
     if unknown:
         raise InputError(f"--bids_filter_file {path}: unknown modality keys {sorted(unknown)}; "
-                         f"known: {sorted(MODALITY_SUFFIX)}", 64)
+                         f"known: {sorted(MODALITY_SUFFIX)}", EXIT_USAGE)
     entities = set(Config.load("bids").entities)
     for modality, query in filters.items():
         fixed = sorted(set(query) & set(FIXED_QUERY_KEYS))
         if fixed:
             raise InputError(f"--bids_filter_file {path}: {modality!r} sets {fixed}, which the app sets itself "
-                             "for each participant (use --participant_label / --session_label to select)", 64)
+                             "for each participant (use --participant_label / --session_label to select)", EXIT_USAGE)
         not_entities = sorted(set(query) - entities)
         if not_entities:
             raise InputError(f"--bids_filter_file {path}: {modality!r} queries {not_entities}, which are not "
-                             f"BIDS entities; known: {sorted(entities - set(FIXED_QUERY_KEYS))}", 64)
+                             f"BIDS entities; known: {sorted(entities - set(FIXED_QUERY_KEYS))}", EXIT_USAGE)
     return filters
 
 
@@ -122,13 +124,13 @@ def read_participants_table(bids_dir: Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, sep="\t", dtype=str, encoding="utf-8-sig", keep_default_na=False)
     except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); BIDS tables are UTF-8", 65) \
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); BIDS tables are UTF-8", EXIT_BAD_DATA) \
             from err
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
-        raise InputError(f"{path}: not a readable tab-separated table ({err})", 65) from err
+        raise InputError(f"{path}: not a readable tab-separated table ({err})", EXIT_BAD_DATA) from err
     table.columns = [column.strip() for column in table.columns]
     if "participant_id" not in table.columns:
-        raise InputError(f"{path}: no participant_id column", 66)
+        raise InputError(f"{path}: no participant_id column", EXIT_MISSING_INPUT)
     table["participant_id"] = table["participant_id"].str.strip().map(lambda v: strip_prefix(v, "sub-"))
     return table.set_index("participant_id")
 
@@ -253,7 +255,7 @@ def open_layout(bids_dir: Path) -> BIDSLayout:
     try:
         return BIDSLayout(str(bids_dir), validate=True)
     except (BIDSValidationError, ValueError) as err:  # JSONDecodeError is a ValueError
-        raise InputError(f"{Path(bids_dir) / 'dataset_description.json'}: {err}", 65) from err
+        raise InputError(f"{Path(bids_dir) / 'dataset_description.json'}: {err}", EXIT_BAD_DATA) from err
 
 
 def discover(bids_dir: Path, participant_labels: list[str] | None = None, session_labels: list[str] | None = None,
@@ -261,7 +263,7 @@ def discover(bids_dir: Path, participant_labels: list[str] | None = None, sessio
              layout: BIDSLayout | None = None) -> list[Participant]:
     """Find every selected participant/session with its T1w, FLAIR, lesion mask, label and metadata.
 
-    Raises InputError(18) when a requested label, session or filter selects nothing, naming it.
+    Raises InputError(EXIT_EMPTY_SELECTION) when a requested label, session or filter selects nothing, naming it.
     Participants without a T1w or FLAIR are still returned (the participant then fails on its own with 66).
     """
     bids_dir = Path(bids_dir)
@@ -272,7 +274,7 @@ def discover(bids_dir: Path, participant_labels: list[str] | None = None, sessio
         unknown = [label for label in participant_labels if label not in subjects]
         if unknown:
             raise InputError(f"--participant_label: no such participant(s) in {bids_dir}: "
-                             + ", ".join(f"sub-{label}" for label in unknown), 18)
+                             + ", ".join(f"sub-{label}" for label in unknown), EXIT_EMPTY_SELECTION)
         subjects = [s for s in subjects if s in participant_labels]
     table = read_participants_table(bids_dir)
     if label_spec.column not in table.columns and not table.empty:
@@ -284,16 +286,16 @@ def discover(bids_dir: Path, participant_labels: list[str] | None = None, sessio
         unknown = [label for label in session_labels if label not in present]
         if unknown:
             raise InputError("--session_label: no such session(s) in the selected participants: "
-                             + ", ".join(f"ses-{label}" for label in unknown), 18)
+                             + ", ".join(f"ses-{label}" for label in unknown), EXIT_EMPTY_SELECTION)
         sessions_of = {subject: [s for s in sessions if s in session_labels]
                        for subject, sessions in sessions_of.items()}
     units = [build_participant(layout, bids_dir, subject, session, filters, table, label_spec)
              for subject in subjects for session in sessions_of[subject]]
     if not units:
-        raise InputError(f"no participants found in {bids_dir}", 18)
+        raise InputError(f"no participants found in {bids_dir}", EXIT_EMPTY_SELECTION)
     for modality, query in filters.items():
         if not any(getattr(u, modality) for u in units):
-            raise InputError(f"--bids_filter_file: the {modality!r} filter {query} selects no image", 18)
+            raise InputError(f"--bids_filter_file: the {modality!r} filter {query} selects no image", EXIT_EMPTY_SELECTION)
     return units
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_fcd import __version__
+from bids_fcd import __version__, exit_codes
 from bids_fcd.config import TEMPLATE_SPACE, ModelConfig
 from bids_fcd.derivatives import bids_uri, derivative_path, safe_join, write_json, write_nifti, write_text
 from bids_fcd.inputs import Participant
@@ -53,17 +53,16 @@ class UnitResult:
 def exit_code_for(error: Exception) -> int:
     """The contract's per-participant codes: 65 bad image (or model checkpoint), 66 missing image, 74 I/O;
     anything else 1."""
-    from bids_fcd import cli
     from bids_fcd.models import CheckpointError
     from bids_fcd.preprocess import InvalidImageError
 
     if isinstance(error, (InvalidImageError, CheckpointError)):
-        return cli.EXIT_BAD_DATA
+        return exit_codes.EXIT_BAD_DATA
     if isinstance(error, (MissingImageError, FileNotFoundError)):
-        return cli.EXIT_MISSING_INPUT
+        return exit_codes.EXIT_MISSING_INPUT
     if isinstance(error, OSError):
-        return cli.EXIT_IO
-    return cli.EXIT_PARTICIPANT_FAILED
+        return exit_codes.EXIT_IO
+    return exit_codes.EXIT_PARTICIPANT_FAILED
 
 
 def run_participant(unit: Participant, settings: ParticipantSettings) -> UnitResult:

@@ -36,7 +36,8 @@ ROBUST_PERCENTILES = (1.0, 99.0)
 NORMALISED_RANGE = (-0.5, 3.0)  # normalised intensities are clipped to this, bounding outliers
 VOXEL_SIZE_LIMITS_MM = (0.1, 10.0)
 MIN_VOXELS_PER_AXIS = 8
-BRAIN_VOLUME_LIMITS_ML = (800.0, 2200.0)
+# deepbet masks outside this are failures (template mask instead); 600 mL lets a young child's brain through
+BRAIN_VOLUME_LIMITS_ML = (600.0, 2200.0)
 N4_SHRUNK_SPACING_MM = 6.0
 REGISTRATION_SPACING_MM = 2.0
 REGISTRATION_SEED = 20261
@@ -473,13 +474,7 @@ def template_to_native(volume_template: np.ndarray, pre: Preprocessed, t1w_path:
                                     matrix[:3, 3], output_shape=native.shape[:3], order=order, mode="constant",
                                     cval=0.0)
     # a fresh header: the T1w's scaling, intent and display range (cal_min/max) would mislabel a 0..1 map
-    image = nib.Nifti1Image(data.astype(np.float32), native.affine)
-    image.header.set_xyzt_units("mm")
-    sform_code, qform_code = int(native.header["sform_code"]), int(native.header["qform_code"])
-    image.set_sform(native.affine, sform_code or 2)
-    if qform_code:
-        image.set_qform(native.get_qform(), qform_code)
-    return image
+    return nib.Nifti1Image(data.astype(np.float32), native.affine)
 
 
 def mask_to_template(mask_path: Path, space: str, pre: Preprocessed, t1w_path: Path,
@@ -545,7 +540,8 @@ QC_BOUNDS = {
                                                  "or registration may have failed")),
     "flair_t1w_gradient_correlation": (0.55, None, ("the FLAIR's edges do not follow the T1w's: FLAIR "
                                                     "misregistered, or from another session or person")),
-    "brain_volume_ml": (600.0, 2000.0, "implausible brain volume: brain extraction may have failed"),
+    # a deepbet mask of 2000-2200 mL is used, and warned of
+    "brain_volume_ml": (BRAIN_VOLUME_LIMITS_ML[0], 2000.0, "implausible brain volume: brain extraction may have failed"),
 }
 
 
@@ -568,7 +564,8 @@ def alignment_qc(t1w: np.ndarray, flair: np.ndarray | None, brain_mask: np.ndarr
     """Registration quality of model-grid arrays, as numbers that a wrong transform drives down.
 
     - dice_brain_mask_vs_template: Dice of `brain_mask` and the template's brain mask (0.95-0.97 on the real
-      volumes; 0.88 when the affine is 15 degrees and 6 mm off).
+      volumes; 0.88 when the affine is 15 degrees and 6 mm off). Ranges in brackets: the stroke, MS and healthy
+      scans of the tests; `QC_BOUNDS` gives those of all 10 real brains here, z-scored gliomas included.
     - t1w_template_correlation: Pearson r of the T1w and the template T1w, both smoothed with a 3 mm Gaussian
       (the scale an affine can match; cortical folding differs between people), inside the template brain
       (0.79-0.85 on the real volumes; 0.56-0.59 when 15 degrees and 6 mm off).

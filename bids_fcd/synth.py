@@ -26,6 +26,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from bids_fcd import __version__
+from bids_fcd.exit_codes import EXIT_CANNOT_CREATE_OUTPUT, EXIT_USAGE
 from bids_fcd.lesions import implant_fcd, sample_lesion_params
 from bids_fcd.preprocess import normalise_intensity
 from bids_fcd.template import BRAIN_CENTRE_MM, Grid, load_template
@@ -281,7 +282,8 @@ def neocortical_territory(grid: Grid) -> np.ndarray:
 def make_cohort(out_dir: Path, n: int, seed: int) -> Path:
     """Write a synthetic BIDS dataset of `n` participants (half patients, rounded up) to `out_dir`.
 
-    From n = 4 on, both the train and the test split hold patients and controls; below, everyone is in train.
+    A group of at least 2 puts a quarter of its members (at least one, never all) in the test split, so from
+    n = 4 on both splits hold patients and controls.
     The same (n, seed) gives byte-identical files. `out_dir` must not exist or be empty. Returns `out_dir`.
 
     Raises:
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         make_cohort(args.out_dir, args.n, args.seed)
     except (FileExistsError, NotADirectoryError, PermissionError) as error:
         print(f"bids_fcd synth: cannot create output: {error}", file=sys.stderr)
-        return 73
+        return EXIT_CANNOT_CREATE_OUTPUT
     print(f"bids_fcd synth: wrote a cohort of {args.n} to {args.out_dir}")
     return 0
 
@@ -366,7 +368,7 @@ class _UsageErrorParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(64)
+        raise SystemExit(EXIT_USAGE)
 
 
 # ---------------------------------------------------------------------------------------------------- cohort
@@ -417,7 +419,8 @@ def _write_participant(out_dir: Path, subject: str, site: Site, patient: bool, r
     lesion_tpl = np.zeros(anatomy.grid.shape, dtype=np.float32)
     if patient:
         params = sample_lesion_params(rng, anatomy.gm, anatomy.wm, 1.0, territory_mask=_territory_on(anatomy.grid))
-        # The drawn volume is meant for this participant's brain: shrink it by the head's scaling in MNI space.
+        # The drawn volume is meant in this participant's scanner space: divided by the head's scaling in MNI
+        # space, it comes out at the drawn volume once the head is scaled into the scanner.
         params = replace(params, volume_ml=params.volume_ml / abs(np.linalg.det(head_to_world[:3, :3])))
         t1w_tpl, flair_tpl, lesion = implant_fcd(t1w_tpl, flair_tpl, anatomy.gm, anatomy.wm, params, 1.0)
         lesion_tpl = lesion.astype(np.float32)

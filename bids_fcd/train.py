@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bids_fcd import __version__, cli
+from bids_fcd import __version__, exit_codes
 from bids_fcd.config import ModelConfig
 from bids_fcd.data import Sample, SplitPlan, plan_splits, prepare_samples, sample_seed
 from bids_fcd.derivatives import atomic_path, write_json
@@ -93,9 +93,9 @@ def starting_point(args: argparse.Namespace) -> tuple[ModelConfig, dict | None]:
         try:
             model, config = load_checkpoint(path)
         except FileNotFoundError as err:
-            raise StartingPointError(f"--model: {err}", cli.EXIT_MISSING_INPUT) from err
+            raise StartingPointError(f"--model: {err}", exit_codes.EXIT_MISSING_INPUT) from err
         except CheckpointError as err:
-            raise StartingPointError(f"--model: {err}", cli.EXIT_BAD_DATA) from err
+            raise StartingPointError(f"--model: {err}", exit_codes.EXIT_BAD_DATA) from err
         state = model.state_dict()
         log.info("starting model %s (%s, grid %s at %.1f mm)", path, config.architecture, config.grid_shape,
                  config.grid_spacing_mm)
@@ -117,7 +117,7 @@ def starting_point(args: argparse.Namespace) -> tuple[ModelConfig, dict | None]:
     try:
         build_model(config)
     except (TypeError, ValueError) as err:
-        raise StartingPointError(f"--architecture / --arch_params: {err}", cli.EXIT_USAGE) from err
+        raise StartingPointError(f"--architecture / --arch_params: {err}", exit_codes.EXIT_USAGE) from err
     return config, state
 
 
@@ -130,7 +130,7 @@ def select_units(units: list[Participant],
         if unit.label is None:
             log.info("%s: no label in participants.tsv (or n/a): left out of training", unit.name)
         elif unit.t1w is None or ("FLAIR" in channels and unit.flair is None):
-            failed[unit.name] = (cli.EXIT_MISSING_INPUT,
+            failed[unit.name] = (exit_codes.EXIT_MISSING_INPUT,
                                  "no T1w image" if unit.t1w is None else "no FLAIR image")
             log.error("%s: %s; left out of training", unit.name, failed[unit.name][1])
         else:
@@ -233,11 +233,12 @@ def withdraw_finished_outputs(group_dir: Path) -> None:
 def failure_code(failed: dict[str, tuple]) -> int:
     """Exit code when nothing could train: the shared code if every unit failed the same way, else 1."""
     codes = {code for code, _ in failed.values()}
-    return codes.pop() if len(codes) == 1 else cli.EXIT_PARTICIPANT_FAILED
+    return codes.pop() if len(codes) == 1 else exit_codes.EXIT_PARTICIPANT_FAILED
 
 
 def run_group(args: argparse.Namespace, units: list[Participant], label_spec: LabelSpec) -> int:
-    """The group level; returns the exit code (0, or 1 when some participants could not be used)."""
+    """The group level; returns the contract's exit code (0; 1 when some participants could not be used; the
+    shared code when all failed alike; 18, 64, 65 or 66 for the selection, options or starting model)."""
     from bids_fcd.infer import select_device
     from bids_fcd.template import model_grid
 
@@ -256,7 +257,7 @@ def run_group(args: argparse.Namespace, units: list[Participant], label_spec: La
     if not usable:
         log.error("group level: no participant with a label and the images needed; %s",
                   label_diagnosis(units, label_spec))
-        return failure_code(failed) if failed else cli.EXIT_EMPTY_SELECTION
+        return failure_code(failed) if failed else exit_codes.EXIT_EMPTY_SELECTION
 
     grid = model_grid(config.grid_spacing_mm, config.grid_shape)
     cache_dir = args.output_dir / "cache"
@@ -273,7 +274,7 @@ def run_group(args: argparse.Namespace, units: list[Participant], label_spec: La
         plan = plan_splits(samples, args.n_folds, args.seed)
     except ValueError as err:
         log.error("group level: %s; %s", err, label_diagnosis(units, label_spec))
-        return cli.EXIT_EMPTY_SELECTION
+        return exit_codes.EXIT_EMPTY_SELECTION
     for note in plan.notes:
         log.warning("%s", note)
     if plan.warning:
@@ -297,12 +298,12 @@ def run_group(args: argparse.Namespace, units: list[Participant], label_spec: La
     final_model, final_result = train_one(config, state, [samples[i] for i in plan.cv_indices], [], options,
                                           group_dir / "final", plan.n_folds, dist, epochs=final_epochs)
     if not dist.is_main:
-        return cli.EXIT_OK
+        return exit_codes.EXIT_OK
 
     finish_group(GroupRun(args, label_spec, config, samples, plan, results, final_result, final_epochs,
                           failed,
                           options, dist.device), final_model)
-    return cli.EXIT_PARTICIPANT_FAILED if failed else cli.EXIT_OK
+    return exit_codes.EXIT_PARTICIPANT_FAILED if failed else exit_codes.EXIT_OK
 
 
 # --- after training: out-of-fold predictions, thresholds, metrics, audit, outputs ---------------------------

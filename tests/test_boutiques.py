@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bids_fcd import cli
+from bids_fcd import cli, exit_codes
 
 REPO = Path(__file__).resolve().parents[1]
 DESCRIPTOR_PATH = REPO / "boutiques" / "bids_fcd.json"
@@ -106,7 +106,7 @@ def test_positional_arguments_come_first_in_bids_app_order():
 
 
 def test_error_codes_are_exactly_the_contract_codes():
-    contract = {value for name, value in vars(cli).items() if name.startswith("EXIT_") and value != 0}
+    contract = {value for name, value in vars(exit_codes).items() if name.startswith("EXIT_") and value != 0}
     assert {e["code"] for e in DESCRIPTOR["error-codes"]} == contract
     assert len(DESCRIPTOR["error-codes"]) == len(contract)
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bids_fcd import cli, data, evaluate
+from bids_fcd import cli, data, evaluate, exit_codes
 from bids_fcd.models import build_model, load_checkpoint, save_checkpoint
 from tests import browser
 from tests.group_factory import TINY_CONFIG, TINY_GRID, fake_preprocess_unit, write_tiny_bids
@@ -209,13 +209,13 @@ def test_split_with_patients_only_in_test_is_warned_and_reported_separately(tmp_
         path.unlink()
     out = tmp_path / "out"
     code = run_group(bids, out, starting_model, "--epochs", "1")
-    assert code == cli.EXIT_PARTICIPANT_FAILED  # sub-03 and sub-05 could not be used
+    assert code == exit_codes.EXIT_PARTICIPANT_FAILED  # sub-03 and sub-05 could not be used
     metrics = json.loads((out / "group" / "metrics.json").read_text())
     assert "test" not in metrics and metrics["protocol"]["split_warning"]
     assert metrics["official_test_patients"]["subject"]["n"] == 2
     assert metrics["cohort"]["left_out"] == {
-        "sub-03": {"exit_code": cli.EXIT_MISSING_INPUT, "reason": "no FLAIR image"},
-        "sub-05": {"exit_code": cli.EXIT_BAD_DATA, "reason": "InvalidImageError: invalid image sub-05_T1w.nii.gz: truncated"}}
+        "sub-03": {"exit_code": exit_codes.EXIT_MISSING_INPUT, "reason": "no FLAIR image"},
+        "sub-05": {"exit_code": exit_codes.EXIT_BAD_DATA, "reason": "InvalidImageError: invalid image sub-05_T1w.nii.gz: truncated"}}
     assert any("cannot be a test set" in w for w in metrics["warnings"])
     folds = pd.read_csv(out / "group" / "folds.tsv", sep="\t", dtype=str)
     assert "test" not in set(folds["fold"]) and len(folds) == 7  # sub-01 unlabelled, sub-03, sub-05 failed
@@ -274,7 +274,7 @@ def test_every_unit_failing_alike_exits_with_their_code(tmp_path, starting_model
 
     monkeypatch.setattr("tests.test_group.fake_preprocess_unit", unreadable)
     bids = write_tiny_bids(tmp_path / "bids", 4)
-    assert run_group(bids, tmp_path / "out", starting_model) == cli.EXIT_BAD_DATA
+    assert run_group(bids, tmp_path / "out", starting_model) == exit_codes.EXIT_BAD_DATA
 
 
 def test_label_errors_say_what_participants_tsv_holds(tmp_path, starting_model, caplog):

@@ -107,8 +107,12 @@ def test_corrupt_or_foreign_checkpoints_raise_value_errors_naming_the_file(tmp_p
                 "config_json": config.updated(architecture="resnet3d_18").to_json()}, mismatched)
     bad_json = tmp_path / "bad_json.pt"
     torch.save({"state_dict": model.state_dict(), "config_json": "{not json"}, bad_json)
+    other_inputs = []  # inputs this version's preprocessing cannot make: refused, not silently fed
+    for key, value in (("normalisation", "z-score"), ("template_space", "MNI152NLin6Asym")):
+        other_inputs.append(tmp_path / f"{key}.pt")
+        save_checkpoint(model, config.updated(**{key: value}), other_inputs[-1])
 
-    for path in (garbage, truncated, foreign, pickled, unknown, mismatched, bad_json):
+    for path in (garbage, truncated, foreign, pickled, unknown, mismatched, bad_json, *other_inputs):
         with pytest.raises(ValueError) as error:
             load_checkpoint(path, "cpu")
         assert str(path) in str(error.value), path.name

@@ -244,7 +244,7 @@ def test_implausible_deepbet_mask_volume_is_rejected(monkeypatch):
     monkeypatch.setattr(preprocess_module, "_deepbet", TinyMask)
     image = sitk.GetImageFromArray(head_like())
     _, problem = extract_brain(image)
-    assert "mL" in problem and "outside 800..2200" in problem
+    assert "mL" in problem and "outside 600..2200" in problem
 
 
 # ---------------------------------------------------------------------------------------------------------

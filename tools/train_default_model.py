@@ -15,7 +15,7 @@ What it trains on (all simulated lesions, never a patient):
   unseen real stroke, MS and glioma brains were the first model's worst false positives.
 
 The network is the seed card's MobileNetV3-Small-3D with the lesion decoder and the lesion-evidence subject head.
-Three phases. (1) 48^3 patches (72 mm), lesion-centred or random, teach the lesion features fast on a CPU.
+Four phases. (1) 48^3 patches (72 mm), lesion-centred or random, teach the lesion features fast on a CPU.
 (2) Whole volumes fine-tune it for the way it predicts: the network is convolutional but not patch-invariant
 (squeeze-excitation pools each block over its whole input; batch-norm statistics were gathered on patches).
 Measured: the patch-only model marked ~10^5 voxels of whole synthetic brains above 0.5 (whole-volume subject
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     _, wm, _ = template_tissue_maps(grid)
 
     train_volumes = [synthetic_volume(rng, grid, with_lesion=i % 2 == 0) for i in range(args.n_synthetic)]
-    for volume in train_volumes[1::4]:  # a quarter of the controls carry non-FCD white-matter lesions
+    for volume in train_volumes[1::4]:  # every other control (a quarter of all volumes): non-FCD white-matter lesions
         add_distractors(volume, rng, wm, grid.spacing_mm, n=int(rng.integers(2, 8)))
     real = real_volumes(grid, args.work_dir / "cache", rng, args.implants_per_brain)
     validation_volumes = [synthetic_volume(rng, grid, with_lesion=i % 2 == 0) for i in range(args.n_validation)]
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                   **choose_thresholds(model, config, calibration_volumes(args, grid))}
     training = {
         "data": "simulated FCD-like lesions only: synthetic volumes from nilearn's MNI152 2009a template anatomy "
-                f"({args.n_synthetic}, half with a lesion, a quarter of controls with non-FCD white-matter "
+                f"({args.n_synthetic}, half with a lesion, half of the controls with non-FCD white-matter "
                 f"distractors) and the two real glioma-brainlesion brains, each as it is (control) and with "
                 f"{args.implants_per_brain} FCD-like implants away from the tumour (one draw in phase 1, "
                 f"{args.whole_real_rounds} in phase 2); in phase 2 also non-FCD mimics (MS-like plaques, chronic "

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import NORMALISATION, TEMPLATE_SPACE, ModelConfig
 from ..derivatives import atomic_path
 from .blocks import FCDNet
 from .efficientnet3d import EfficientNet3DB0
@@ -87,6 +87,10 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[FCD
         model = build_model(config)
     except (TypeError, ValueError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: invalid model configuration ({err})") from err
+    for key, supported in (("normalisation", NORMALISATION), ("template_space", TEMPLATE_SPACE)):
+        if getattr(config, key) != supported:
+            raise CheckpointError(f"{path}: {key} {getattr(config, key)!r} is not what this version's preprocessing "
+                                  f"makes ({supported!r})")
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as err:

@@ -1,0 +1,12 @@
+"""The contract's exit codes (CONTRACT.md), in one place that every stage can import without the CLI."""
+
+EXIT_OK = 0
+EXIT_PARTICIPANT_FAILED = 1
+EXIT_VALIDATION = 16
+EXIT_UNKNOWN_LEVEL = 17
+EXIT_EMPTY_SELECTION = 18
+EXIT_USAGE = 64
+EXIT_BAD_DATA = 65
+EXIT_MISSING_INPUT = 66
+EXIT_CANNOT_CREATE_OUTPUT = 73
+EXIT_IO = 74
