@@ -179,17 +179,10 @@ def predict_and_write(unit: Participant, settings: ParticipantSettings, device) 
 
 
 def native_volume_scale(pre) -> float:
-    """mm3 in the participant's head per mm3 of template space: |det| of the template->T1w linear map.
+    """mm3 in the participant's head per mm3 of template space: |det| of the template->T1w linear map."""
+    from bids_fcd.preprocess import ras_matrix
 
-    The transform maps template points to T1w points (both LPS; the flips cancel in the determinant).
-    """
-    transform = pre.xfm_t1w_to_template
-    centre = np.zeros(3)
-    step = 1.0
-    base = np.array(transform.TransformPoint(tuple(centre)))
-    jacobian = np.stack([np.array(transform.TransformPoint(tuple(centre + step * axis))) - base
-                         for axis in np.eye(3)], axis=1)
-    return float(abs(np.linalg.det(jacobian)))
+    return float(abs(np.linalg.det(ras_matrix(pre.xfm_t1w_to_template)[:3, :3])))
 
 
 class UnitWriter:

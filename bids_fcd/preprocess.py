@@ -425,6 +425,11 @@ def transform_matrix(xfm: sitk.Transform) -> np.ndarray:
     return matrix
 
 
+def ras_matrix(xfm: sitk.Transform) -> np.ndarray:
+    """The 4x4 matrix of a linear SimpleITK transform in RAS+ mm (nibabel's convention; ITK works in LPS)."""
+    return LPS_FROM_RAS @ transform_matrix(xfm) @ LPS_FROM_RAS
+
+
 def affine_transform(matrix: np.ndarray) -> sitk.AffineTransform:
     """A SimpleITK AffineTransform from a 4x4 LPS mm -> LPS mm matrix."""
     xfm = sitk.AffineTransform(3)
@@ -468,8 +473,7 @@ def template_to_native(volume_template: np.ndarray, pre: Preprocessed, t1w_path:
     """
     native = nib.load(t1w_path)
     # native voxel -> scanner RAS -> LPS -> template LPS -> template RAS -> model grid voxel
-    tpl_from_t1w = np.linalg.inv(transform_matrix(pre.xfm_t1w_to_template))
-    matrix = (np.linalg.inv(pre.grid.affine) @ LPS_FROM_RAS @ tpl_from_t1w @ LPS_FROM_RAS @ native.affine)
+    matrix = np.linalg.inv(pre.grid.affine) @ np.linalg.inv(ras_matrix(pre.xfm_t1w_to_template)) @ native.affine
     data = ndimage.affine_transform(np.asarray(volume_template, dtype=np.float32), matrix[:3, :3],
                                     matrix[:3, 3], output_shape=native.shape[:3], order=order, mode="constant",
                                     cval=0.0)
@@ -500,8 +504,7 @@ def mask_to_template(mask_path: Path, space: str, pre: Preprocessed, t1w_path: P
         raise InvalidImageError(mask_path, f"shape {mask.shape} differs from {reference_path} {reference.shape[:3]}")
     xfm = pre.xfm_t1w_to_template if space == "T1w" else compose(pre.xfm_t1w_to_template, pre.xfm_flair_to_t1w)
     # model grid voxel -> template RAS -> LPS -> native LPS -> RAS -> mask voxel
-    matrix = (np.linalg.inv(reference.affine) @ LPS_FROM_RAS @ transform_matrix(xfm) @ LPS_FROM_RAS
-              @ pre.grid.affine)
+    matrix = np.linalg.inv(reference.affine) @ ras_matrix(xfm) @ pre.grid.affine
     binary = (np.nan_to_num(mask.astype(np.float32)) > 0).astype(np.float32)
     resampled = ndimage.affine_transform(binary, matrix[:3, :3], matrix[:3, 3], output_shape=pre.grid.shape,
                                          order=1, mode="constant", cval=0.0)
@@ -512,8 +515,7 @@ def template_points_to_scanner(points_mm: np.ndarray, pre: Preprocessed) -> np.n
     """(N, 3) template RAS+ mm points -> the T1w's scanner RAS+ mm (for cluster peaks and centroids)."""
     points = np.atleast_2d(np.asarray(points_mm, dtype=float))
     homogeneous = np.c_[points, np.ones(len(points))]
-    matrix = LPS_FROM_RAS @ transform_matrix(pre.xfm_t1w_to_template) @ LPS_FROM_RAS
-    return (homogeneous @ matrix.T)[:, :3]
+    return (homogeneous @ ras_matrix(pre.xfm_t1w_to_template).T)[:, :3]
 
 
 def write_transform(xfm: sitk.Transform, path: Path) -> None:
