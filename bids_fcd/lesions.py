@@ -307,7 +307,8 @@ def _offsets_mm(box: tuple[slice, ...], centre_vox: tuple[int, int, int], spacin
     return np.stack(np.meshgrid(*axes, indexing="ij"))
 
 
-def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random 3x3 rotation (QR of a Gaussian matrix, signs fixed)."""
     q, r = np.linalg.qr(rng.standard_normal((3, 3)))
     return q * np.sign(np.diag(r))
 
@@ -328,7 +329,7 @@ def _irregular_core(
     whatever the local folding, then only the connected piece holding the best voxel is kept. Returns the core
     mask and the smooth unit-variance noise that shaped it (reused for patchy signal inside).
     """
-    rotated = np.tensordot(_random_rotation(rng).T, offsets_mm, axes=1)
+    rotated = np.tensordot(random_rotation(rng).T, offsets_mm, axes=1)
     scaled = rotated / np.asarray(params.elongation, dtype=np.float32)[:, None, None, None]
     distance = np.sqrt((scaled**2).sum(axis=0)) / radius_mm
     noise = ndimage.gaussian_filter(
@@ -470,6 +471,17 @@ def _tail_hits(mask: np.ndarray, start: tuple[int, int, int], end: tuple[int, in
     return False
 
 
+def enclosed_csf(gm_prob: np.ndarray, wm_prob: np.ndarray, spacing_mm: float, min_ml: float) -> np.ndarray:
+    """Ventricles: low-tissue components of at least `min_ml` that do not reach the array border (outside the
+    head) through the sulci."""
+    labels, _ = ndimage.label((gm_prob + wm_prob) < LOW_TISSUE_PROBABILITY)
+    border = np.concatenate([np.take(labels, i, axis=a).ravel() for a in range(3) for i in (0, -1)])
+    enclosed = np.bincount(labels.ravel()) * spacing_mm**3 >= min_ml * 1000.0
+    enclosed[np.unique(border)] = False
+    enclosed[0] = False
+    return enclosed[labels]
+
+
 def _nearest_ventricle(
     gm_prob: np.ndarray, wm_prob: np.ndarray, centre: tuple[int, int, int], spacing_mm: float
 ) -> tuple[int, int, int] | None:
@@ -480,14 +492,7 @@ def _nearest_ventricle(
     """
     reach_vox = MAX_TRANSMANTLE_LENGTH_MM / spacing_mm
     box = _crop_around(gm_prob.shape, centre, reach_vox)
-    low = (gm_prob + wm_prob) < LOW_TISSUE_PROBABILITY
-    labels, _ = ndimage.label(low)
-    border = np.concatenate([np.take(labels, i, axis=a).ravel() for a in range(3) for i in (0, -1)])
-    sizes = np.bincount(labels.ravel())
-    enclosed = sizes * spacing_mm**3 >= MIN_VENTRICLE_ML * 1000.0
-    enclosed[np.unique(border)] = False
-    enclosed[0] = False
-    ventricle = enclosed[labels[box]]
+    ventricle = enclosed_csf(gm_prob, wm_prob, spacing_mm, MIN_VENTRICLE_ML)[box]
     if not ventricle.any():
         return None
     points = np.argwhere(ventricle) + [s.start for s in box]

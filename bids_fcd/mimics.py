@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from bids_fcd.lesions import enclosed_csf, random_rotation
+
 MIMIC_KINDS = ("plaques", "infarct", "tumour")
 PLAQUE_RADIUS_MM = (1.5, 5.0)
 PLAQUES_PER_BRAIN = (3, 15)
@@ -86,7 +88,7 @@ def _plaques(rng, gm, wm, spacing_mm, levels: _Levels, free):
     matter: a model that saw only T1-dark plaques learnt "FLAIR-bright white matter with normal T1w is FCD"."""
     white = (wm > 0.6) & free
     cortex_distance_mm = ndimage.distance_transform_edt(gm < 0.5) * spacing_mm
-    ventricle_distance_mm = ndimage.distance_transform_edt(~_ventricles(gm, wm)) * spacing_mm
+    ventricle_distance_mm = ndimage.distance_transform_edt(~enclosed_csf(gm, wm, spacing_mm, 0.0)) * spacing_mm
     places = {
         "juxtacortical": white & (cortex_distance_mm <= JUXTACORTICAL_MM),
         "periventricular": white & (ventricle_distance_mm <= PERIVENTRICULAR_MM),
@@ -154,14 +156,6 @@ def _tumour(rng, gm, wm, spacing_mm, levels: _Levels, free):
     return t1_change, flair_change, mask
 
 
-def _ventricles(gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
-    """CSF spaces enclosed by tissue (not reaching the array border through the sulci)."""
-    low = (gm + wm) < 0.3
-    labels, _ = ndimage.label(low)
-    border = np.unique(np.concatenate([np.take(labels, i, axis=a).ravel() for a in range(3) for i in (0, -1)]))
-    return low & ~np.isin(labels, border)
-
-
 def _random_ellipsoid(rng, voxels: np.ndarray, radius_range_mm: tuple[float, float], min_aspect: float, shape,
                       spacing_mm: float, roughness: float = 0.0):
     """An ellipsoid centred on one of `voxels` (N, 3), its longest radius drawn in `radius_range_mm` and the other
@@ -178,8 +172,7 @@ def _ellipsoid_distance(rng, shape, centre, radii_mm, spacing_mm, roughness: flo
     box = tuple(slice(max(int(c) - reach_vox, 0), min(int(c) + reach_vox + 1, n)) for c, n in zip(centre, shape))
     axes = [(np.arange(s.start, s.stop, dtype=np.float32) - c) * spacing_mm for s, c in zip(box, centre)]
     offsets = np.stack(np.meshgrid(*axes, indexing="ij"))
-    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-    rotated = np.tensordot((q * np.sign(np.diag(r))).T, offsets, axes=1)
+    rotated = np.tensordot(random_rotation(rng).T, offsets, axes=1)
     distance = np.sqrt(((rotated / np.asarray(radii_mm, np.float32)[:, None, None, None]) ** 2).sum(axis=0))
     if roughness > 0:
         noise = ndimage.gaussian_filter(rng.standard_normal(distance.shape).astype(np.float32),
