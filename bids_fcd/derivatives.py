@@ -30,6 +30,8 @@ PATTERNS = [
 ]
 
 DOCKER_IMAGE = "bidsfcd/bids_fcd"
+SCANNER_XFORM_CODE = 1  # NIfTI: scanner-based anatomical coordinates
+MNI_XFORM_CODE = 4  # NIfTI: MNI 152 coordinates
 
 # Files the BIDS schema does not know; listed so that the validator passes the output dataset. Folders are
 # named without a trailing slash: bids-validator-deno 3 does not match `cache/` against the folder `/cache/`.
@@ -108,13 +110,19 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> Path:
-    """Save `data` (X, Y, Z) with `affine` (voxel -> RAS+ mm) as NIfTI-1, atomically, with mm units."""
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32,
+                xform_code: int = SCANNER_XFORM_CODE) -> Path:
+    """Save `data` (X, Y, Z) with `affine` (voxel -> RAS+ mm) as NIfTI-1, atomically, with mm units.
+
+    `xform_code` says what the coordinates are (qform and sform alike): the scanner's for maps on the input's
+    grid, `MNI_XFORM_CODE` for template-space ones, as fMRIPrep writes them, so that viewers such as AFNI put
+    them in standard space rather than over the participant's own scan.
+    """
     image = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
     image.header.set_data_dtype(dtype)
     image.header.set_xyzt_units("mm")
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=xform_code)
+    image.set_sform(affine, code=xform_code)
     with atomic_path(path) as temporary:
         nib.save(image, str(temporary))
     return path

@@ -19,7 +19,15 @@ import numpy as np
 
 from bids_fcd import __version__, exit_codes
 from bids_fcd.config import TEMPLATE_SPACE, ModelConfig
-from bids_fcd.derivatives import bids_uri, derivative_path, safe_join, write_json, write_nifti, write_text
+from bids_fcd.derivatives import (
+    MNI_XFORM_CODE,
+    bids_uri,
+    derivative_path,
+    safe_join,
+    write_json,
+    write_nifti,
+    write_text,
+)
 from bids_fcd.inputs import Participant
 
 log = logging.getLogger("bids_fcd.participant")
@@ -217,7 +225,7 @@ class UnitWriter:
             images.append(("FLAIR", unit.flair, unit.flair_entities, pre.flair))
         for suffix, source, entities, volume in images:
             path = self.path(entities, space=TEMPLATE_SPACE, desc="preproc", suffix=suffix, extension=".nii.gz")
-            write_nifti(path, volume, affine)
+            write_nifti(path, volume, affine, xform_code=MNI_XFORM_CODE)
             write_json(self.path(entities, space=TEMPLATE_SPACE, desc="preproc", suffix=suffix,
                                  extension=".json"), {
                 "SkullStripped": True,
@@ -228,7 +236,7 @@ class UnitWriter:
                 "BrainExtraction": pre.brain_extraction,
             })
         write_nifti(self.path(unit.t1w_entities, space=TEMPLATE_SPACE, desc="brain", suffix="mask",
-                              extension=".nii.gz"), pre.brain_mask, affine, dtype=np.uint8)
+                              extension=".nii.gz"), pre.brain_mask, affine, dtype=np.uint8, xform_code=MNI_XFORM_CODE)
         write_transform(pre.xfm_t1w_to_template, self.path(
             unit.t1w_entities, **{"from": "T1w", "to": TEMPLATE_SPACE, "mode": "image"}, suffix="xfm",
             extension=".txt"))
@@ -255,7 +263,7 @@ class UnitWriter:
             if also_template:
                 path = self.path(entities, space=TEMPLATE_SPACE, label="FCD", desc=desc, suffix="probseg",
                                  extension=".nii.gz")
-                write_nifti(path, volume_template, pre.grid.affine)
+                write_nifti(path, volume_template, pre.grid.affine, xform_code=MNI_XFORM_CODE)
                 outputs[f"{name}_template"] = path
         write_json(self.path(entities, label="FCD", suffix="probseg", extension=".json"), {
             "Description": "Voxel-wise probability of focal cortical dysplasia (research use only)",

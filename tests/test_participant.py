@@ -88,6 +88,12 @@ def test_native_maps_are_on_the_input_t1w_grid_and_in_range(finished_run, cohort
             assert image.shape == source.shape and np.allclose(image.affine, source.affine, atol=1e-4)
             data = image.get_fdata()
             assert np.isfinite(data).all() and data.min() >= 0 and data.max() <= 1
+            assert int(image.header["sform_code"]) == int(image.header["qform_code"]) == 1  # scanner
+        template_images = sorted(anat.glob(f"{stem}_space-MNI152NLin2009aSym_*.nii.gz"))
+        assert len(template_images) >= 4  # preproc T1w and FLAIR, brain mask, probability, saliency
+        for template_space in template_images:  # MNI coordinates, as fMRIPrep writes them
+            header = nib.load(template_space).header
+            assert int(header["sform_code"]) == int(header["qform_code"]) == 4, template_space.name
 
 
 def test_prediction_json_has_the_contract_fields(finished_run):
