@@ -128,6 +128,12 @@ class DistContext:
         if self.active:
             torch_dist.barrier()
 
+    def close(self) -> None:
+        """Destroy the process group before the process exits: a gloo process that leaves it to interpreter
+        shutdown can abort with SIGABRT as its worker threads release tensors (pytorch/pytorch#179291)."""
+        if self.active and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
     def broadcast(self, value: object) -> object:
         """Rank 0's `value` on every rank (decisions such as early stopping must agree)."""
         if not self.active:

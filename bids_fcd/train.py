@@ -240,9 +240,19 @@ def run_group(args: argparse.Namespace, units: list[Participant], label_spec: La
     """The group level; returns the contract's exit code (0; 1 when some participants could not be used; the
     shared code when all failed alike; 18, 64, 65 or 66 for the selection, options or starting model)."""
     from bids_fcd.infer import select_device
-    from bids_fcd.template import model_grid
 
     dist = DistContext.from_env(select_device(args.device))
+    try:
+        return _group_level(args, units, label_spec, dist)
+    finally:
+        dist.close()
+
+
+def _group_level(args: argparse.Namespace, units: list[Participant], label_spec: LabelSpec,
+                 dist: DistContext) -> int:
+    """`run_group`'s work, inside the lifetime of this process's place in the process group."""
+    from bids_fcd.template import model_grid
+
     try:
         config, state = starting_point(args)
     except StartingPointError as err:
