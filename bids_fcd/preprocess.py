@@ -316,11 +316,8 @@ def register_t1w_to_template(t1w_brain: sitk.Image, fixed_mask: sitk.Image | Non
     """
     fixed = _template_registration_target()
     moving = _bin_shrink(t1w_brain, REGISTRATION_SPACING_MM)
-    initial = sitk.AffineTransform(3)
     orientation = initial_head_orientation(fixed, moving, fixed_mask)
-    initial.SetCenter(orientation.GetCenter())
-    initial.SetMatrix(orientation.GetMatrix())
-    initial.SetTranslation(orientation.GetTranslation())
+    initial = sitk.AffineTransform(orientation.GetMatrix(), orientation.GetTranslation(), orientation.GetCenter())
     method = _registration_method(shrink=[4, 2, 1], sigmas_mm=[4.0, 2.0, 0.0])
     if fixed_mask is not None:
         method.SetMetricFixedMask(fixed_mask)
@@ -330,7 +327,7 @@ def register_t1w_to_template(t1w_brain: sitk.Image, fixed_mask: sitk.Image | Non
 
 def initial_head_orientation(fixed: sitk.Image, moving: sitk.Image,
                              fixed_mask: sitk.Image | None = None) -> sitk.Euler3DTransform:
-    """The rigid start that best matches the head to the template: centres of mass, then the best of a grid of rotations.
+    """The rigid start that best matches the head to the template: centres of mass, then the best rotation.
 
     SimpleITK's exhaustive optimiser scores every combination of Euler angles in +-30 degrees (15-degree steps,
     125 in all) by Mattes MI at 8 mm, in about a second; the affine then refines from the best one. This is the
