@@ -8,8 +8,8 @@
 - Augmentation comes in two forms. On the CPU, TorchIO per volume in the DataLoader workers
   (`torchio_transform`). On the GPU, `BatchAugmentation` on whole batches (flips, affine grids, smooth bias,
   gamma, noise), split the TorchIO way: `sample(generator, n) -> params` draws every random value,
-  `apply(batch, params)` is deterministic, so the same params (or the same seed) replay the exact augmentation. Arrays are
-  (N, C, X, Y, Z), RAS+ template axes.
+  `apply(batch, params)` is deterministic, so the same params (or the same seed) replay the exact augmentation.
+  Arrays are (N, C, X, Y, Z), RAS+ template axes.
 """
 
 from __future__ import annotations

@@ -98,7 +98,8 @@ def read_filter_file(path: Path | None) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise InputError(f"--bids_filter_file {path}: cannot read JSON ({err})", EXIT_USAGE) from err
     if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
-        raise InputError(f"--bids_filter_file {path}: expected an object of objects, e.g. {{'t1w': {{...}}}}", EXIT_USAGE)
+        raise InputError(f"--bids_filter_file {path}: expected an object of objects, e.g. {{'t1w': {{...}}}}",
+                         EXIT_USAGE)
     unknown = set(filters) - set(MODALITY_SUFFIX)
     if unknown:
         raise InputError(f"--bids_filter_file {path}: unknown modality keys {sorted(unknown)}; "
@@ -124,8 +125,8 @@ def read_participants_table(bids_dir: Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, sep="\t", dtype=str, encoding="utf-8-sig", keep_default_na=False)
     except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); BIDS tables are UTF-8", EXIT_BAD_DATA) \
-            from err
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); BIDS tables are UTF-8",
+                         EXIT_BAD_DATA) from err
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
         raise InputError(f"{path}: not a readable tab-separated table ({err})", EXIT_BAD_DATA) from err
     table.columns = [column.strip() for column in table.columns]
@@ -295,7 +296,8 @@ def discover(bids_dir: Path, participant_labels: list[str] | None = None, sessio
         raise InputError(f"no participants found in {bids_dir}", EXIT_EMPTY_SELECTION)
     for modality, query in filters.items():
         if not any(getattr(u, modality) for u in units):
-            raise InputError(f"--bids_filter_file: the {modality!r} filter {query} selects no image", EXIT_EMPTY_SELECTION)
+            raise InputError(f"--bids_filter_file: the {modality!r} filter {query} selects no image",
+                             EXIT_EMPTY_SELECTION)
     return units
 
 

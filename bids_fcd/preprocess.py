@@ -529,9 +529,10 @@ def write_transform(xfm: sitk.Transform, path: Path) -> None:
 
 # Where a QC measure says "look before you trust this participant": below (or outside) what the 10 real brains
 # here measured (8 unseen + 2 training: t1w_template_correlation 0.50-0.85, Dice 0.95-0.97, FLAIR/T1w gradient
-# correlation 0.57-0.87, brain 1070-1660 mL; ds004199's youngest participants are 3 years old, ~1000 mL). A QA run put pure noise at r 0.40, a 25-degree misregistration at
-# Dice 0.91, another person's FLAIR at gradient correlation 0.51. Warnings, not failures: a real scan just
-# outside these ranges should still be predicted, with the reader told.
+# correlation 0.57-0.87, brain 1070-1660 mL; ds004199's youngest participants are 3 years old, ~1000 mL). A
+# QA run put pure noise at r 0.40, a 25-degree misregistration at Dice 0.91, another person's FLAIR at gradient
+# correlation 0.51. Warnings, not failures: a real scan just outside these ranges should still be predicted,
+# with the reader told.
 QC_BOUNDS = {
     "t1w_template_correlation": (0.45, None, ("the T1w does not look like the template after registration: not "
                                               "a whole-brain T1w, a partial field of view, or a failed registration")),
@@ -540,7 +541,8 @@ QC_BOUNDS = {
     "flair_t1w_gradient_correlation": (0.55, None, ("the FLAIR's edges do not follow the T1w's: FLAIR "
                                                     "misregistered, or from another session or person")),
     # a deepbet mask of 2000-2200 mL is used, and warned of
-    "brain_volume_ml": (BRAIN_VOLUME_LIMITS_ML[0], 2000.0, "implausible brain volume: brain extraction may have failed"),
+    "brain_volume_ml": (BRAIN_VOLUME_LIMITS_ML[0], 2000.0,
+                        "implausible brain volume: brain extraction may have failed"),
 }
 
 

@@ -215,7 +215,8 @@ def test_split_with_patients_only_in_test_is_warned_and_reported_separately(tmp_
     assert metrics["official_test_patients"]["subject"]["n"] == 2
     assert metrics["cohort"]["left_out"] == {
         "sub-03": {"exit_code": exit_codes.EXIT_MISSING_INPUT, "reason": "no FLAIR image"},
-        "sub-05": {"exit_code": exit_codes.EXIT_BAD_DATA, "reason": "InvalidImageError: invalid image sub-05_T1w.nii.gz: truncated"}}
+        "sub-05": {"exit_code": exit_codes.EXIT_BAD_DATA,
+                   "reason": "InvalidImageError: invalid image sub-05_T1w.nii.gz: truncated"}}
     assert any("cannot be a test set" in w for w in metrics["warnings"])
     folds = pd.read_csv(out / "group" / "folds.tsv", sep="\t", dtype=str)
     assert "test" not in set(folds["fold"]) and len(folds) == 7  # sub-01 unlabelled, sub-03, sub-05 failed
