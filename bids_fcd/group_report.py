@@ -20,6 +20,7 @@ from bids_fcd import __version__
 from bids_fcd.audit import SHORTCUT_AUROC, AuditReport
 from bids_fcd.config import ModelConfig
 from bids_fcd.derivatives import atomic_path, write_text
+from bids_fcd.report import html_table
 
 NOTICE = ("Research use only. Not a medical device and not for clinical decisions. Metrics come from this "
           "cohort's cross-validation and say little about other scanners or populations.")
@@ -274,12 +275,6 @@ def make_figures(summary: GroupSummary, figures: Path) -> list[tuple[str, Path]]
 # --- report.html --------------------------------------------------------------------------------------------
 
 
-def _table(rows: list[list], header: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def cohort_rows(cohort: pd.DataFrame) -> list[list]:
     """[site, label, split, units, age mean +- sd, F / M] per site x label x split."""
     rows = []
@@ -333,7 +328,7 @@ Architecture {html.escape(config.architecture)}, channels {html.escape(', '.join
 grid {list(config.grid_shape)} at {config.grid_spacing_mm} mm; bids_fcd {html.escape(__version__)}.</p>
 {warnings}
 <h2>Metrics</h2>
-{_table(metric_rows(metrics), ["evaluation", "metric", "value [95% CI]"])}
+{html_table(metric_rows(metrics), ["evaluation", "metric", "value [95% CI]"])}
 <h2>Figures</h2>
 {figure_html}
 <h2>Shortcut audit</h2>
@@ -341,16 +336,16 @@ grid {list(config.grid_shape)} at {config.grid_spacing_mm} mm; bids_fcd {html.es
 image model AUROC {_fmt(audit.shortcut['image_auroc'])}.
 Rule: {html.escape(audit.shortcut['rule'])}.
 {html.escape(audit.shortcut.get('warning') or 'No shortcut warning.')}</p>
-{_table(audit_rows, ["feature set", "columns", "logistic regression AUROC", "random forest AUROC"])}
+{html_table(audit_rows, ["feature set", "columns", "logistic regression AUROC", "random forest AUROC"])}
 <h2>Harmonisation (ComBat of the encoder features)</h2>
 <p>{html.escape(harm['reason'])}. Cramér's V (site x label) {_fmt(harm['cramers_v'])};
 site predictable from features (balanced accuracy) before {_fmt(harm['site_predictability_before'])}, after
 {_fmt(harm['site_predictability_after'])}.</p>
-{_table([[s, *row] for s, row in zip(harm['sites'], harm['table'])], ["site", "control", "FCD"])}
+{html_table([[s, *row] for s, row in zip(harm['sites'], harm['table'])], ["site", "control", "FCD"])}
 <h2>Cohort</h2>
-{_table(cohort_rows(summary.cohort), ["site", "label", "split", "units", "age (mean ± sd)", "F / M"])}
+{html_table(cohort_rows(summary.cohort), ["site", "label", "split", "units", "age (mean ± sd)", "F / M"])}
 <h2>Folds</h2>
-{_table(fold_rows, ["fold", "train units", "validation units", "epochs run", "best epoch", "best val loss"])}
+{html_table(fold_rows, ["fold", "train units", "validation units", "epochs run", "best epoch", "best val loss"])}
 <p>Files: model.pt, model.json, folds.tsv, predictions.tsv, metrics.json, MODEL_CARD.md,
 fold-&lt;k&gt;/log.tsv.</p>
 </body></html>

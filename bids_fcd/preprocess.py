@@ -327,14 +327,22 @@ def register_t1w_to_template(t1w_brain: sitk.Image, fixed_mask: sitk.Image | Non
 
 def initial_head_orientation(fixed: sitk.Image, moving: sitk.Image,
                              fixed_mask: sitk.Image | None = None) -> sitk.Euler3DTransform:
-    """The rigid start that best matches the head to the template: centres of mass, then the best rotation.
-
-    SimpleITK's exhaustive optimiser scores every combination of Euler angles in +-30 degrees (15-degree steps,
-    125 in all) by Mattes MI at 8 mm, in about a second; the affine then refines from the best one. This is the
-    coarse search FLIRT and antsAI run, so that a head tilted in the scanner does not converge to a wrong fit.
-    """
+    """The rigid start that best matches the head to the template: centres of mass, then the best rotation."""
     start = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
                                               sitk.CenteredTransformInitializerFilter.MOMENTS)
+    return best_rotation(fixed, moving, start, fixed_mask)
+
+
+def best_rotation(fixed: sitk.Image, moving: sitk.Image, start: sitk.Euler3DTransform,
+                  fixed_mask: sitk.Image | None = None) -> sitk.Euler3DTransform:
+    """`start` turned to the best of a coarse grid of rotations about its centre, so that a tilted head does
+    not converge to a wrong fit.
+
+    SimpleITK's exhaustive optimiser scores every combination of Euler angles in +-30 degrees (15-degree steps,
+    125 in all, `start` itself among them) by Mattes MI at 8 mm, in about a second; the registration then
+    refines from the best one. This is the coarse search FLIRT and antsAI run.
+    """
+    start = sitk.Euler3DTransform(start)
     shrink = max(1, round(ROTATION_SEARCH_SPACING_MM / fixed.GetSpacing()[0]))
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
@@ -358,23 +366,26 @@ def initial_head_orientation(fixed: sitk.Image, moving: sitk.Image,
 def register_flair_to_t1w(t1w: sitk.Image, flair: sitk.Image, brain_mask: sitk.Image) -> sitk.AffineTransform:
     """Rigid registration of the FLAIR to the T1w (Mattes MI inside the dilated T1w brain mask), at 2 mm.
 
-    Both are in the same session's scanner space, so it starts from the identity, rotating about the brain's
-    centre of mass. Both images are averaged down to ~2 mm first: on the real volumes this recovers a known
-    motion to within 0.5 mm, at a seventh of the full-resolution cost.
+    Both are in the same session's scanner space, so the search starts from the identity and turns about the
+    brain's centre of mass: the same coarse rotation search as for the template (`best_rotation`), as a head
+    that moved between the scans by more than ~20 degrees otherwise converged to a wrong fit. Both images are
+    averaged down to ~2 mm first: on the real volumes this recovers a known motion to within 0.5 mm, at a
+    seventh of the full-resolution cost.
     Returns the transform mapping T1w LPS mm points -> FLAIR LPS mm points.
     """
     index, size = _bounding_box(brain_mask, margin_mm=10.0)
     fixed = _bin_shrink(sitk.RegionOfInterest(t1w, size, index), REGISTRATION_SPACING_MM)
+    moving = _bin_shrink(flair, REGISTRATION_SPACING_MM)
     mask = sitk.Resample(sitk.BinaryDilate(brain_mask, [3, 3, 3]), fixed, sitk.Transform(),
                          sitk.sitkNearestNeighbor)
-    rigid = sitk.Euler3DTransform()
+    identity = sitk.Euler3DTransform()
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(brain_mask)
-    rigid.SetCenter(stats.GetCentroid(1))
+    identity.SetCenter(stats.GetCentroid(1))
     method = _registration_method(shrink=[4, 2, 1], sigmas_mm=[4.0, 2.0, 0.0])
     method.SetMetricFixedMask(mask)
-    method.SetInitialTransform(rigid, inPlace=False)
-    return _as_affine(method.Execute(fixed, _bin_shrink(flair, REGISTRATION_SPACING_MM)))
+    method.SetInitialTransform(best_rotation(fixed, moving, identity, mask), inPlace=False)
+    return _as_affine(method.Execute(fixed, moving))
 
 
 def _registration_method(shrink: list[int], sigmas_mm: list[float]) -> sitk.ImageRegistrationMethod:

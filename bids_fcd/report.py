@@ -88,8 +88,9 @@ def discordance_note(predicted: str, n_clusters: int) -> str:
     return ""
 
 
-def _table(rows: list[list], header: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+def html_table(rows: list[list], header: list[str]) -> str:
+    """An HTML table, every cell escaped (labels and file names come from the user's dataset)."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -145,7 +146,7 @@ Model <code>{html.escape(config.name)}</code> version {html.escape(config.model_
 <p>Peak and centroid in the T1w's scanner RAS mm; the template peak in {html.escape(config.template_space)} mm,
 where the views below are cut; volume in the participant's head (mm&sup3;); region from the
 {html.escape(clusters[0].atlas) if clusters else "atlas"} at the template peak.</p>
-{_table(cluster_rows, ["id", "volume mm3", "peak (mm)", "centroid (mm)", "template peak (mm)", "peak p", "mean p",
+{html_table(cluster_rows, ["id", "volume mm3", "peak (mm)", "centroid (mm)", "template peak (mm)", "peak p", "mean p",
                        "region"])
  if cluster_rows else "<p>No candidate cluster above the voxel threshold.</p>"}
 <h2>Probability and saliency</h2>
@@ -155,10 +156,10 @@ peak (x, y, z in the corners). Probability is drawn from {DISPLAY_THRESHOLD} up,
 {figure_html(relative)}
 <h2>Preprocessing quality</h2>
 {figure_html(qc_relative)}
-{_table(qc_rows, ["measure", "value"])}
+{html_table(qc_rows, ["measure", "value"])}
 <h2>Inputs and outputs</h2>
-{_table([["T1w", unit.t1w], ["FLAIR", unit.flair]], ["input", "file"])}
-{_table(output_rows, ["output", "file"])}
+{html_table([["T1w", unit.t1w], ["FLAIR", unit.flair]], ["input", "file"])}
+{html_table(output_rows, ["output", "file"])}
 </body></html>
 """
     return write_text(output_dir / f"{unit.name}.html", page)
