@@ -57,7 +57,7 @@ from sklearn.metrics import roc_auc_score
 from bids_fcd import __version__
 from bids_fcd.cache import load_or_preprocess
 from bids_fcd.config import DEFAULT_N_PASSES, ModelConfig
-from bids_fcd.data import Sample
+from bids_fcd.data import Sample, prepare_samples
 from bids_fcd.engine import DistContext, TrainOptions, fit, state_digest
 from bids_fcd.evaluate import THRESHOLD_RULE, VOXEL_THRESHOLD_RULE, choose_voxel_threshold, youden_threshold
 from bids_fcd.infer import predict
@@ -65,7 +65,7 @@ from bids_fcd.inputs import Participant, discover
 from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
 from bids_fcd.mimics import MIMIC_KINDS, implant_mimic
 from bids_fcd.models import build_model, load_checkpoint, save_checkpoint
-from bids_fcd.preprocess import NORMALISED_RANGE, mask_to_template, normalise_intensity
+from bids_fcd.preprocess import NORMALISED_RANGE, normalise_intensity
 from bids_fcd.synth import make_cohort, neocortical_territory, synth_template_sample, template_tissue_maps
 from bids_fcd.template import model_grid
 
@@ -75,6 +75,10 @@ TRAINING_BRAINS = [("glioma-brainlesion", "sub-bratsgli00001"), ("glioma-brainle
 PATCH = 48
 PIPELINE_SEED = 5000  # + --seed: phase 3's participants
 CALIBRATION_SEED = 4000  # + --seed; not the seeds of the model card's test cohort (2026) or the demo (7)
+# ITK sums its threads' partial metric values in a varying order: a scan registered with 2 threads differs
+# between runs by ~1e-7 (measured on the stroke brain; 1 thread: identical), enough that a model trained on it is
+# not bit-reproducible. So every scan is preprocessed with one thread (in parallel processes where there are many).
+PREPROCESS_THREADS = 1
 REALISM_STREAM = 4  # phase 4 draws from default_rng([--seed, REALISM_STREAM]): the same with or without phases 1-3
 # In-brain FLAIR median after normalisation: the synthetic generator's sits at 0.74-0.85, the two real training
 # brains' at 0.48 and 0.68 (real FLAIR has a bright tail that sets the 99th percentile). Phase 4 rescales each
@@ -107,7 +111,7 @@ def real_volumes(grid, cache_dir: Path, rng: np.random.Generator, implants_per_b
     template_gm, template_wm, _ = template_tissue_maps(grid)
     for folder, subject in TRAINING_BRAINS:
         t1w_path, flair_path = REAL / folder / f"{subject}_T1w.nii.gz", REAL / folder / f"{subject}_FLAIR.nii.gz"
-        pre = load_or_preprocess(cache_dir, t1w_path, flair_path, grid, n_threads=2)
+        pre = load_or_preprocess(cache_dir, t1w_path, flair_path, grid, n_threads=PREPROCESS_THREADS)
         brain = pre.brain_mask.astype(bool)
         gm, wm = tissue_probabilities(pre.t1w, brain, template_gm, template_wm, grid.spacing_mm)
         exclude = bright_lesion_region(pre.flair, brain, grid.spacing_mm)
@@ -226,21 +230,21 @@ def whole_volume_samples(volumes: list[Volume], prefix: str) -> list[Sample]:
             for index, volume in enumerate(volumes)]
 
 
-def pipeline_volumes(work_dir: Path, name: str, grid, n: int, seed: int) -> list[Volume]:
+def pipeline_volumes(work_dir: Path, name: str, grid, n: int, seed: int, n_processes: int) -> list[Volume]:
     """`n` synthetic participants (`bids_fcd synth`, `seed`) as raw native-space scans, through the participant
     level's preprocessing (cached in the work folder): what the model sees in use."""
     bids_dir = work_dir / f"{name}_n{n}_seed{seed}_bids"  # another draw never reuses this one
     if not (bids_dir / "participants.tsv").is_file():
         shutil.rmtree(bids_dir, ignore_errors=True)  # an interrupted write
         make_cohort(bids_dir, n=n, seed=seed)
-    volumes = []
-    for unit in discover(bids_dir):
-        pre = load_or_preprocess(work_dir / "cache", unit.t1w, unit.flair, grid, n_threads=2)
-        lesion = (mask_to_template(unit.lesion_mask, unit.lesion_mask_space, pre, unit.t1w, unit.flair) >= 0.5
-                  if unit.lesion_mask else np.zeros(grid.shape, bool))
-        volumes.append(Volume(np.stack([pre.t1w, pre.flair]), pre.brain_mask.astype(bool),
-                              lesion.astype(np.uint8), int(unit.label), unit.name))
-    return volumes
+    units = discover(bids_dir)
+    # As the group level does: one scan per process, one thread each (see PREPROCESS_THREADS).
+    prepared, failed = prepare_samples(units, work_dir / "cache", grid, ModelConfig().channels, n_cpus=n_processes)
+    if failed:
+        raise RuntimeError(f"synthetic participants failed preprocessing: {failed}")
+    return [Volume(sample.image, sample.brain_mask,
+                   np.zeros(grid.shape, np.uint8) if sample.lesion is None else (sample.lesion >= 0.5).astype(np.uint8),
+                   int(sample.unit.label), sample.unit.name) for sample in prepared]
 
 
 def predictions(model, config: ModelConfig, volumes: list[Volume], n_passes: int) -> list[tuple[Volume, object]]:
@@ -280,7 +284,8 @@ def threshold_rule(n_calibration: int, seed: int) -> str:
 
 def calibration_volumes(args: argparse.Namespace, grid) -> list[Volume]:
     """The calibration cohort: never trained on, only used to choose the thresholds."""
-    return pipeline_volumes(args.work_dir, "calibration", grid, args.n_calibration, CALIBRATION_SEED + args.seed)
+    return pipeline_volumes(args.work_dir, "calibration", grid, args.n_calibration, CALIBRATION_SEED + args.seed,
+                            args.n_threads)
 
 
 def save(model, config: ModelConfig, thresholds: dict, training: dict, out: Path) -> None:
@@ -329,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a model trained by phases 1-3 of this command: load it instead of training them again")
     parser.add_argument("--epochs", type=int, default=14, help="phase 1: epochs on patches")
     parser.add_argument("--whole_epochs", type=int, default=8, help="phase 2: epochs on whole volumes")
-    parser.add_argument("--n_threads", type=int, default=2)
+    parser.add_argument("--n_threads", type=int, default=2,
+                        help="torch's threads; also the processes preprocessing scans (one thread each)")
     parser.add_argument("--recalibrate", action="store_true",
                         help="only choose the thresholds of --out/model.pt again, on the calibration cohort")
     args = parser.parse_args(argv)
@@ -398,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     # error), which template-grid volumes never show; with a quarter of phase 2's volumes, so that the mimics and
     # the real anatomy are not forgotten. A fixed short schedule at a low rate: the template-grid validation set
     # cannot judge this phase, and the calibration cohort must stay unseen until the thresholds.
-    pipeline = (pipeline_volumes(args.work_dir, "pipeline", grid, args.n_pipeline, PIPELINE_SEED + args.seed)
+    pipeline = (pipeline_volumes(args.work_dir, "pipeline", grid, args.n_pipeline, PIPELINE_SEED + args.seed,
+                                 args.n_threads)
                 if args.n_pipeline else [])
     if pipeline and base is None:
         pipeline_options = TrainOptions(epochs=args.pipeline_epochs, batch_size=2, learning_rate=2e-4,
