@@ -364,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     # TorchIO's per-sample transforms, which would dominate a CPU training step.
     options = TrainOptions(epochs=args.epochs, batch_size=4, learning_rate=2e-3, warmup_epochs=1,
                            patience=args.epochs, augmentation="gpu", seed=args.seed)
+    torch.manual_seed(args.seed)  # before the initial weights: torch seeds its global generator randomly per process
     model = build_model(config)
-    torch.manual_seed(args.seed)
     cpu = DistContext(device=torch.device("cpu"))
     base = None  # with --finetune_from: the training record of the model phases 1-3 made
     if args.finetune_from:
