@@ -146,8 +146,8 @@ Model <code>{html.escape(config.name)}</code> version {html.escape(config.model_
 <p>Peak and centroid in the T1w's scanner RAS mm; the template peak in {html.escape(config.template_space)} mm,
 where the views below are cut; volume in the participant's head (mm&sup3;); region from the
 {html.escape(clusters[0].atlas) if clusters else "atlas"} at the template peak.</p>
-{html_table(cluster_rows, ["id", "volume mm3", "peak (mm)", "centroid (mm)", "template peak (mm)", "peak p", "mean p",
-                       "region"])
+{html_table(cluster_rows, ["id", "volume mm3", "peak (mm)", "centroid (mm)", "template peak (mm)", "peak p",
+                           "mean p", "region"])
  if cluster_rows else "<p>No candidate cluster above the voxel threshold.</p>"}
 <h2>Probability and saliency</h2>
 <p>Views in template space ({html.escape(config.template_space)}), on the model's inputs, cut at the template
