@@ -153,9 +153,8 @@ def evaluate_real(model_path: Path, work: Path, implants: int, seed: int) -> lis
     device = torch.device("cpu")
     rows = []
     for folder, t1w_name, flair_name in UNSEEN_REAL:
-        # One thread: ITK's multi-threaded registration differs between runs by ~1e-7, enough to move a
-        # borderline implant; with one the card's figures come out the same on every run.
-        pre = load_or_preprocess(work / "real_cache", REAL / folder / t1w_name, REAL / folder / flair_name, grid)
+        pre = load_or_preprocess(work / "real_cache", REAL / folder / t1w_name, REAL / folder / flair_name, grid,
+                                 n_threads=2)
         brain = pre.brain_mask.astype(bool)
         gm, wm = tissue_probabilities(pre.t1w, brain, template_gm, template_wm, grid.spacing_mm)
         own_lesion = bright_lesion_region(pre.flair, brain, grid.spacing_mm)

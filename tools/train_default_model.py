@@ -75,10 +75,6 @@ TRAINING_BRAINS = [("glioma-brainlesion", "sub-bratsgli00001"), ("glioma-brainle
 PATCH = 48
 PIPELINE_SEED = 5000  # + --seed: phase 3's participants
 CALIBRATION_SEED = 4000  # + --seed; not the seeds of the model card's test cohort (2026) or the demo (7)
-# ITK sums its threads' partial metric values in a varying order: a scan registered with 2 threads differs
-# between runs by ~1e-7 (measured on the stroke brain; 1 thread: identical), enough that a model trained on it is
-# not bit-reproducible. So every scan is preprocessed with one thread (in parallel processes where there are many).
-PREPROCESS_THREADS = 1
 REALISM_STREAM = 4  # phase 4 draws from default_rng([--seed, REALISM_STREAM]): the same with or without phases 1-3
 # In-brain FLAIR median after normalisation: the synthetic generator's sits at 0.74-0.85, the two real training
 # brains' at 0.48 and 0.68 (real FLAIR has a bright tail that sets the 99th percentile). Phase 4 rescales each
@@ -111,7 +107,7 @@ def real_volumes(grid, cache_dir: Path, rng: np.random.Generator, implants_per_b
     template_gm, template_wm, _ = template_tissue_maps(grid)
     for folder, subject in TRAINING_BRAINS:
         t1w_path, flair_path = REAL / folder / f"{subject}_T1w.nii.gz", REAL / folder / f"{subject}_FLAIR.nii.gz"
-        pre = load_or_preprocess(cache_dir, t1w_path, flair_path, grid, n_threads=PREPROCESS_THREADS)
+        pre = load_or_preprocess(cache_dir, t1w_path, flair_path, grid)
         brain = pre.brain_mask.astype(bool)
         gm, wm = tissue_probabilities(pre.t1w, brain, template_gm, template_wm, grid.spacing_mm)
         exclude = bright_lesion_region(pre.flair, brain, grid.spacing_mm)
@@ -238,7 +234,7 @@ def pipeline_volumes(work_dir: Path, name: str, grid, n: int, seed: int, n_proce
         shutil.rmtree(bids_dir, ignore_errors=True)  # an interrupted write
         make_cohort(bids_dir, n=n, seed=seed)
     units = discover(bids_dir)
-    # As the group level does: one scan per process, one thread each (see PREPROCESS_THREADS).
+    # As the group level does: one scan per process, one thread each.
     prepared, failed = prepare_samples(units, work_dir / "cache", grid, ModelConfig().channels, n_cpus=n_processes)
     if failed:
         raise RuntimeError(f"synthetic participants failed preprocessing: {failed}")
