@@ -170,9 +170,8 @@ def test_cache_is_reused_on_a_second_run(finished_run, cohort, tiny_model, caplo
 
 
 def test_a_second_run_with_the_same_seed_writes_identical_outputs(finished_run, cohort, tiny_model, tmp_path):
-    """What users rely on when they rerun a participant: the same inputs, seed and --n_cpus give the same numbers,
-    preprocessing included (two participants on two CPUs register with one thread each; several threads would
-    differ in about the seventh digit). Compared on sub-00002, which no other test reruns."""
+    """What users rely on when they rerun a participant: the same inputs and seed give the same numbers,
+    preprocessing included. Compared on sub-00002, which no other test reruns."""
     out, _ = finished_run
     again = tmp_path / "out"
     assert main([str(cohort), str(again), "participant", "--model", str(tiny_model), "--n_cpus", "2",
