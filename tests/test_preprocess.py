@@ -382,6 +382,7 @@ def test_a_head_tilted_30_degrees_registers_as_the_upright_one(preprocessed_stro
     errors_mm = np.linalg.norm((found @ points - expected @ points)[:3], axis=0)
     assert errors_mm.max() <= 2.0, f"tilted head registered up to {errors_mm.max():.2f} mm from the upright one"
 
+
 @pytest.mark.slow
 def test_a_scan_preprocesses_the_same_on_one_thread_as_on_two(preprocessed_stroke, stroke_moved_flair):
     """A participant's numbers must not depend on how many others share the CPUs: with N4 and registration
