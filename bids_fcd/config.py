@@ -28,6 +28,7 @@ class ModelConfig:
         normalisation: how intensities inside the brain are scaled; only `NORMALISATION` exists, and a
             checkpoint naming another is refused (as is one for another `template_space`).
         arch_params: keyword arguments of the architecture (width, dropout, ...).
+        ensemble_size: networks of that architecture whose logits are averaged (`models.FCDEnsemble`); 1: one.
         subject_threshold: operating point on the subject-level FCD probability.
         voxel_threshold: probability at which the voxel map is cut into candidate clusters.
         min_cluster_mm3: candidate clusters smaller than this (template-space mm3) are dropped.
@@ -41,6 +42,7 @@ class ModelConfig:
     grid_shape: tuple[int, int, int] = (112, 128, 112)
     normalisation: str = NORMALISATION
     arch_params: dict = field(default_factory=dict)
+    ensemble_size: int = 1
     subject_threshold: float = 0.5
     voxel_threshold: float = 0.5
     min_cluster_mm3: float = 50.0

@@ -33,8 +33,8 @@ def grad_cam_pass(model: nn.Module, x: torch.Tensor, brain_mask: np.ndarray | to
     """One forward + backward pass: the HiResCAM map and the model's (detached) outputs.
 
     Args:
-        model: an `FCDNet` (anything with `cam_layers` and the registry's forward signature), in the mode the
-            caller wants (eval for a deterministic map).
+        model: an `FCDNet` or `FCDEnsemble` (anything with `cam_layers` and the registry's forward signature),
+            in the mode the caller wants (eval for a deterministic map).
         x: (1, C, X, Y, Z) input on the model's device.
         brain_mask: (X, Y, Z) bool, or None for no masking; voxels outside are 0 in the map and excluded from
             the subject logit's lesion evidence.
@@ -49,27 +49,29 @@ def grad_cam_pass(model: nn.Module, x: torch.Tensor, brain_mask: np.ndarray | to
         raise ValueError(f"grad_cam takes one volume (1, C, X, Y, Z), got {tuple(x.shape)}")
     if stage not in model.cam_layers:
         raise ValueError(f"unknown Grad-CAM stage {stage!r}; choose from {sorted(model.cam_layers)}")
-    layer = model.cam_layers[stage]
+    layers = model.cam_layers[stage]
     mask_t = None
     if brain_mask is not None:
         mask_t = torch.as_tensor(np.asarray(brain_mask, dtype=bool), device=x.device)[None, None]  # (1,1,X,Y,Z)
 
-    captured: dict[str, torch.Tensor] = {}
+    activations: list[torch.Tensor] = []
 
     def keep(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        captured["activation"] = output
+        activations.append(output)
 
-    handle = layer.register_forward_hook(keep)
+    handles = [layer.register_forward_hook(keep) for layer in layers]
     try:
         with torch.enable_grad():
             # An input that requires grad keeps the graph even when the weights are frozen.
             outputs = model(x.detach().requires_grad_(True), mask_t)
-            activation = captured["activation"]  # (1, K, x, y, z)
-            # Gradients for the activation only: no parameter .grad is touched or computed.
-            (grad,) = torch.autograd.grad(outputs["subject_logits"][0], activation)
+            # Gradients for the activations only: no parameter .grad is touched or computed.
+            grads = torch.autograd.grad(outputs["subject_logits"][0], activations)
     finally:
-        handle.remove()
-    cam = F.relu((grad * activation).sum(dim=1, keepdim=True))  # (1, 1, x, y, z): HiResCAM, no pooling
+        for handle in handles:
+            handle.remove()
+    # HiResCAM, no pooling: (1, 1, x, y, z), summed over an ensemble's members before the ReLU, so that it
+    # attributes the ensemble's own logit.
+    cam = F.relu(sum((grad * activation).sum(dim=1, keepdim=True) for grad, activation in zip(grads, activations)))
     cam = F.interpolate(cam, size=x.shape[2:], mode="trilinear", align_corners=False)[0, 0]  # (X, Y, Z)
     if mask_t is not None:
         cam = cam * mask_t[0, 0]

@@ -96,6 +96,9 @@ def starting_point(args: argparse.Namespace) -> tuple[ModelConfig, dict | None]:
             raise StartingPointError(f"--model: {err}", exit_codes.EXIT_MISSING_INPUT) from err
         except CheckpointError as err:
             raise StartingPointError(f"--model: {err}", exit_codes.EXIT_BAD_DATA) from err
+        if config.ensemble_size > 1:  # the group level trains one network: the ensemble's first member
+            log.info("%s is an ensemble of %d networks: starting from its first", path, config.ensemble_size)
+            model, config = model.members[0], config.updated(ensemble_size=1)
         state = model.state_dict()
         log.info("starting model %s (%s, grid %s at %.1f mm)", path, config.architecture, config.grid_shape,
                  config.grid_spacing_mm)

@@ -9,6 +9,7 @@ import torch
 from bids_fcd.config import ModelConfig
 from bids_fcd.explain import DEFAULT_CAM_STAGE, grad_cam, grad_cam_pass
 from bids_fcd.models import REGISTRY, build_model
+from bids_fcd.models.blocks import FCDEnsemble
 from tests.lesion_toy import BRAIN, SHAPE, ball, sample, trained_model
 
 # (lesion, decoy) centres in voxels: both hemispheres (X), front and back (Y), low and high (Z).
@@ -38,6 +39,23 @@ def test_grad_cam_is_on_the_input_grid_in_0_1_and_zero_outside_the_brain() -> No
     assert not cam[~BRAIN].any()
     assert outputs["voxel_logits"].shape == (1, 1, *SHAPE) and not outputs["subject_logits"].requires_grad
     assert all(p.grad is None for p in model.parameters())  # explanation leaves the weights' gradients alone
+
+
+def test_an_ensembles_saliency_weighs_every_member_and_points_at_the_lesion() -> None:
+    (first, _), (second, _) = trained_model(seed=0), trained_model(seed=1)
+    centre = np.array(PLACES[1][0])
+    x, lesion = sample(np.random.default_rng(5), centre, np.array(PLACES[1][1]))
+    x = torch.from_numpy(x)[None]
+    cams = {name: grad_cam(model, x, BRAIN) for name, model in (
+        ("first", first), ("second", second),
+        ("first+second", FCDEnsemble([first, second]).eval()), ("second+first", FCDEnsemble([second, first]).eval()))}
+
+    assert np.allclose(cams["first+second"], cams["second+first"], atol=1e-6)  # no member is the one that counts
+    assert not np.allclose(cams["first+second"], cams["first"], atol=1e-3)
+    assert not np.allclose(cams["first+second"], cams["second"], atol=1e-3)
+    peak = np.unravel_index(np.argmax(cams["first+second"]), SHAPE)
+    assert np.linalg.norm(np.array(peak) - centre) <= 6.0, (peak, centre)
+    assert cams["first+second"][lesion].mean() > 3 * cams["first+second"][BRAIN & ~lesion].mean()
 
 
 @pytest.mark.parametrize("architecture", sorted(REGISTRY))

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from bids_fcd.config import ModelConfig
-from bids_fcd.models import REGISTRY, build_model, count_parameters, load_checkpoint, save_checkpoint
-from bids_fcd.models.blocks import LesionEvidenceHead
+from bids_fcd.models import (
+    REGISTRY,
+    CheckpointError,
+    build_model,
+    count_parameters,
+    ensemble_of,
+    load_checkpoint,
+    save_checkpoint,
+)
+from bids_fcd.models.blocks import FCDEnsemble, LesionEvidenceHead
 from tests.lesion_toy import BRAIN, SHAPE, random_centre, sample, toy_config, trained_model
 
 
@@ -118,6 +126,49 @@ def test_corrupt_or_foreign_checkpoints_raise_value_errors_naming_the_file(tmp_p
         assert str(path) in str(error.value), path.name
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt", "cpu")
+
+
+def test_an_ensemble_averages_its_members_logits_and_round_trips_as_one_checkpoint(tmp_path) -> None:
+    config = ModelConfig(grid_shape=(16, 32, 16), arch_params={"width": 0.5})
+    members, paths = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(build_model(config).eval())
+        paths.append(tmp_path / f"member{seed}.pt")
+        save_checkpoint(members[-1], config.updated(training={"seed": seed}), paths[-1])
+    ensemble, ensemble_config = ensemble_of(paths)
+    assert ensemble_config.ensemble_size == 2
+    assert [member["seed"] for member in ensemble_config.training["members"]] == [0, 1]
+
+    x = torch.randn(1, 2, 16, 32, 16)
+    with torch.no_grad():
+        outputs = [member(x) for member in members]
+        combined = ensemble(x)
+    for key in ("voxel_logits", "subject_logits"):
+        assert torch.allclose(combined[key], (outputs[0][key] + outputs[1][key]) / 2)
+        assert not torch.allclose(outputs[0][key], outputs[1][key])  # two different members, not one twice
+
+    save_checkpoint(ensemble, ensemble_config, tmp_path / "ensemble.pt")
+    loaded, loaded_config = load_checkpoint(tmp_path / "ensemble.pt")
+    assert isinstance(loaded, FCDEnsemble) and loaded_config == ensemble_config
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["subject_logits"], combined["subject_logits"])
+
+
+def test_an_ensemble_refuses_members_that_do_not_fit_together_naming_the_file(tmp_path) -> None:
+    config = ModelConfig(grid_shape=(16, 32, 16), arch_params={"width": 0.5})
+    first, other_grid = tmp_path / "first.pt", tmp_path / "other_grid.pt"
+    save_checkpoint(build_model(config), config, first)
+    save_checkpoint(build_model(config.updated(grid_shape=(32, 32, 32))), config.updated(grid_shape=(32, 32, 32)),
+                    other_grid)
+    with pytest.raises(CheckpointError, match="other_grid.pt: differs .* in grid_shape"):
+        ensemble_of([first, other_grid])
+    pair = tmp_path / "pair.pt"
+    save_checkpoint(*ensemble_of([first, first]), pair)
+    with pytest.raises(CheckpointError, match="pair.pt: is already an ensemble"):
+        ensemble_of([first, pair])
+    with pytest.raises(ValueError, match="at least 2"):
+        ensemble_of([first])
 
 
 def test_subject_logit_rises_with_hand_set_voxel_evidence_and_ignores_global_appearance() -> None:

@@ -307,6 +307,20 @@ def test_starting_point_takes_the_models_grid_and_weights(tmp_path):
     assert torch.equal(state["voxel_head.weight"], model.state_dict()["voxel_head.weight"])
 
 
+def test_an_ensemble_starting_model_starts_the_group_level_from_its_first_member(tmp_path):
+    from bids_fcd.models import ensemble_of, save_checkpoint
+    from bids_fcd.train import starting_point
+
+    first, second = tiny_model(seed=4), tiny_model(seed=5)
+    save_checkpoint(first, TINY_CONFIG, tmp_path / "first.pt")
+    save_checkpoint(second, TINY_CONFIG, tmp_path / "second.pt")
+    save_checkpoint(*ensemble_of([tmp_path / "first.pt", tmp_path / "second.pt"]), tmp_path / "start.pt")
+    config, state = starting_point(group_args(tmp_path, "--model", str(tmp_path / "start.pt")))
+    assert config.ensemble_size == 1
+    build_model(config).load_state_dict(state)  # one network's weights, loadable as the group level loads them
+    assert torch.equal(state["voxel_head.weight"], first.state_dict()["voxel_head.weight"])
+
+
 def test_registry_architecture_and_grid_overrides_start_from_scratch(tmp_path):
     from bids_fcd.models import save_checkpoint
     from bids_fcd.train import starting_point

@@ -1,7 +1,7 @@
 """Model registry and checkpoint I/O.
 
 `build_model(config)` turns a `ModelConfig` into an `FCDNet`: the encoder named by `config.architecture` with the
-shared decoder and lesion-evidence head. `config.arch_params` holds keyword arguments of both: the encoder's
+shared decoder and lesion-evidence head (or, with `config.ensemble_size` > 1, an `FCDEnsemble` of such networks). `config.arch_params` holds keyword arguments of both: the encoder's
 (`width`, `stochastic_depth`, EfficientNet's `depth`) and the head's (`dropout`, `evidence_mm3`,
 `context_logit`). Checkpoints hold only tensors and a JSON string, so `torch.load(weights_only=True)` reads them.
 """
@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import NORMALISATION, TEMPLATE_SPACE, ModelConfig
 from ..derivatives import atomic_path
-from .blocks import FCDNet
+from .blocks import FCDEnsemble, FCDNet
 from .efficientnet3d import EfficientNet3DB0
 from .mobilenet3d import MobileNetV3Small3D
 from .resnet3d import ResNet3D18
@@ -30,8 +30,17 @@ REGISTRY: dict[str, type[nn.Module]] = {
 HEAD_PARAMS = ("dropout", "evidence_mm3", "context_logit")
 
 
-def build_model(config: ModelConfig) -> FCDNet:
+def build_model(config: ModelConfig) -> FCDNet | FCDEnsemble:
     """The network `config` describes, freshly initialised. Unknown names or arch_params raise ValueError."""
+    if config.ensemble_size < 1:
+        raise ValueError(f"ensemble_size must be >= 1, got {config.ensemble_size}")
+    if config.ensemble_size > 1:
+        return FCDEnsemble([_network(config) for _ in range(config.ensemble_size)])
+    return _network(config)
+
+
+def _network(config: ModelConfig) -> FCDNet:
+    """One network of `config`: the model itself, or one member of its ensemble."""
     if config.architecture not in REGISTRY:
         raise ValueError(f"unknown architecture {config.architecture!r}; known: {', '.join(sorted(REGISTRY))}")
     encoder_cls = REGISTRY[config.architecture]
@@ -66,7 +75,7 @@ def save_checkpoint(model: nn.Module, config: ModelConfig, path: Path) -> None:
         temporary.write_text(config.to_json())
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[FCDNet, ModelConfig]:
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[FCDNet | FCDEnsemble, ModelConfig]:
     """Rebuild the model of a checkpoint written by `save_checkpoint`, on `device`, in eval mode.
 
     Raises FileNotFoundError when `path` is missing and CheckpointError naming the file when it is not a readable
@@ -96,3 +105,29 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[FCD
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not match architecture {config.architecture!r} ({err})") from err
     return model.to(device).eval(), config
+
+
+# What must agree between an ensemble's members: everything that builds the network or feeds it.
+ENSEMBLE_KEYS = ("architecture", "arch_params", "channels", "grid_spacing_mm", "grid_shape", "normalisation",
+                 "template_space")
+
+
+def ensemble_of(paths: list[Path]) -> tuple[FCDEnsemble, ModelConfig]:
+    """The single-network checkpoints at `paths` as one `FCDEnsemble` (CPU, eval mode) and its config.
+
+    The config is the first member's with `ensemble_size` set and each member's training record kept under
+    training["members"]; thresholds are left for the caller to choose on the ensemble's own outputs. A member
+    that is itself an ensemble, or differs from the first in `ENSEMBLE_KEYS`, is a CheckpointError naming it.
+    """
+    if len(paths) < 2:
+        raise ValueError(f"an ensemble needs at least 2 checkpoints, got {len(paths)}")
+    loaded = [load_checkpoint(path) for path in paths]
+    first = loaded[0][1]
+    for path, (_, config) in zip(paths, loaded):
+        if config.ensemble_size != 1:
+            raise CheckpointError(f"{path}: is already an ensemble of {config.ensemble_size}; give its members")
+        if differing := [key for key in ENSEMBLE_KEYS if getattr(config, key) != getattr(first, key)]:
+            raise CheckpointError(f"{path}: differs from {paths[0]} in {', '.join(differing)}")
+    members = [{"checkpoint": Path(path).name, **member.training} for path, (_, member) in zip(paths, loaded)]
+    config = first.updated(ensemble_size=len(paths), training={"members": members})
+    return FCDEnsemble([model for model, _ in loaded]).eval(), config

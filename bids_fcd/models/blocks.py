@@ -172,9 +172,10 @@ class FCDNet(nn.Module):
         self.subject_head = LesionEvidenceHead(c_deep, k_voxels, context_logit, prior_logit)
 
     @property
-    def cam_layers(self) -> dict[str, nn.Module]:
-        """Encoder stages the saliency map can target, by output stride: "stride2", "stride4", "stride8", "stride16"."""
-        return {f"stride{2 ** (i + 1)}": stage for i, stage in enumerate(self.encoder.stages)}
+    def cam_layers(self) -> dict[str, tuple[nn.Module, ...]]:
+        """Encoder stages the saliency map can target, by output stride ("stride2", "stride4", "stride8",
+        "stride16"), each as the layers whose activations it weighs (here one)."""
+        return {f"stride{2 ** (i + 1)}": (stage,) for i, stage in enumerate(self.encoder.stages)}
 
     def forward(self, x: torch.Tensor, brain_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if any(s % STRIDE for s in x.shape[2:]):
@@ -188,6 +189,34 @@ class FCDNet(nn.Module):
                                      mode="trilinear", align_corners=False)  # (N, 1, X, Y, Z)
         return {"voxel_logits": voxel_logits,
                 "subject_logits": self.subject_head(voxel_logits, deep, brain_mask)}
+
+
+class FCDEnsemble(nn.Module):
+    """Networks of one architecture, trained apart, whose outputs are averaged: soft voting, in logit space.
+
+    Why an ensemble: one training recipe run twice gave models 0.08 apart in subject AUROC (the run-to-run spread
+    in benchmarks/results/model_candidates.md); averaging members cancels part of that variance. Why logits, not
+    probabilities: a sure member's sigmoid is flat, so averaged probabilities would give the saliency map no
+    gradient where the decision is made; the mean logit keeps each member's gradient. forward and `cam_layers`
+    are FCDNet's, so inference and saliency take either.
+    """
+
+    def __init__(self, members: list[FCDNet]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def cam_layers(self) -> dict[str, tuple[nn.Module, ...]]:
+        """Each stage's layers in every member: the ensemble's HiResCAM sums over them."""
+        stages = self.members[0].cam_layers
+        return {stage: tuple(layer for member in self.members for layer in member.cam_layers[stage])
+                for stage in stages}
+
+    def forward(self, x: torch.Tensor, brain_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        outputs = [member(x, brain_mask) for member in self.members]
+        return {key: torch.stack([out[key] for out in outputs]).mean(dim=0) for key in outputs[0]}
 
 
 class StagedEncoder(nn.Module):
