@@ -35,3 +35,36 @@ def test_flair_level_moves_the_brain_median_into_the_real_range_and_keeps_lesion
     assert low - 1e-6 <= min(medians) and max(medians) <= high + 1e-6
     assert max(medians) - min(medians) > 0.5 * (high - low)  # spread over the range, not one level
     assert np.median(volume.image[1][brain]) > 0.79  # the input is untouched
+
+
+def test_ensemble_joins_the_members_and_chooses_thresholds_on_its_own_calibration_outputs(tmp_path, monkeypatch):
+    import torch
+
+    from bids_fcd.config import ModelConfig
+    from bids_fcd.models import build_model, load_checkpoint, save_checkpoint
+
+    config = ModelConfig(grid_shape=(32, 32, 32), grid_spacing_mm=6.0, arch_params={"width": 0.25})
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(tmp_path / f"seed{seed}.pt")
+        save_checkpoint(build_model(config), config.updated(training={"seed": seed}), members[-1])
+    rng = np.random.default_rng(0)
+    brain = np.zeros(config.grid_shape, bool)
+    brain[4:28, 4:28, 4:28] = True
+    calibration = []
+    for label in (0, 1, 0, 1):
+        lesion = np.zeros(config.grid_shape, np.uint8)
+        lesion[10:14, 10:14, 10:14] = label
+        calibration.append(tool.Volume(rng.standard_normal((2, *config.grid_shape)).astype(np.float32), brain,
+                                       lesion, label, "synthetic"))
+    asked = []
+    monkeypatch.setattr(tool, "calibration_volumes", lambda args, grid: asked.append(args.seed) or calibration)
+
+    out = tmp_path / "ensemble"
+    assert tool.main(["--ensemble", *map(str, members), "--out", str(out), "--seed", "3", "--n_threads", "1"]) == 0
+    model, saved = load_checkpoint(out / "model.pt")
+    assert asked == [3] and saved.ensemble_size == 2 and len(model.members) == 2
+    assert [member["seed"] for member in saved.training["members"]] == [0, 1]
+    assert saved.training["n_calibration"] == 4 and "--ensemble" in saved.training["command"]
+    assert saved.subject_threshold == saved.training["subject_threshold"]

@@ -64,7 +64,7 @@ from bids_fcd.infer import predict
 from bids_fcd.inputs import Participant, discover
 from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
 from bids_fcd.mimics import MIMIC_KINDS, implant_mimic
-from bids_fcd.models import build_model, load_checkpoint, save_checkpoint
+from bids_fcd.models import build_model, ensemble_of, load_checkpoint, save_checkpoint
 from bids_fcd.preprocess import NORMALISED_RANGE, normalise_intensity
 from bids_fcd.synth import make_cohort, neocortical_territory, synth_template_sample, template_tissue_maps
 from bids_fcd.template import model_grid
@@ -306,6 +306,20 @@ def recalibrate(args: argparse.Namespace, grid) -> int:
     return 0
 
 
+def join_ensemble(args: argparse.Namespace, grid) -> int:
+    """The models at `--ensemble` (this command's, at other seeds) as one ensemble in `--out`, with thresholds
+    chosen on the ensemble's own outputs for the calibration cohort of `--seed`."""
+    model, config = ensemble_of(args.ensemble)
+    thresholds = choose_thresholds(model, config, calibration_volumes(args, grid))
+    members = " ".join(str(path) for path in args.ensemble)
+    training = {**config.training,
+                "command": f"python tools/train_default_model.py --ensemble {members} --out bids_fcd/weights "
+                           f"--seed {args.seed} --n_calibration {args.n_calibration}",
+                "threshold_rule": threshold_rule(args.n_calibration, args.seed)}
+    save(model, config, thresholds, training, args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bids_fcd/weights"))
@@ -334,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch's threads; also the processes preprocessing scans (one thread each)")
     parser.add_argument("--recalibrate", action="store_true",
                         help="only choose the thresholds of --out/model.pt again, on the calibration cohort")
+    parser.add_argument("--ensemble", type=Path, nargs="+", metavar="MODEL",
+                        help="only join these models of this command (other seeds) into one ensemble in --out and "
+                             "choose its thresholds on the calibration cohort of --seed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.n_threads)
@@ -343,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     grid = model_grid(config.grid_spacing_mm, config.grid_shape)
     if args.recalibrate:
         return recalibrate(args, grid)
+    if args.ensemble:
+        return join_ensemble(args, grid)
     rng = np.random.default_rng(args.seed)
     _, wm, _ = template_tissue_maps(grid)
 
