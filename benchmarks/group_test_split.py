@@ -1,9 +1,10 @@
-"""What a group run's models do on its test split: the refit final model, each fold's best model, the fold
+"""What a group run's models do on its test split: its final model, each fold's best model, the fold
 models' soft-voting ensemble, and the shipped default model.
 
-The group level ships one model refit on every cross-validation participant (`group/model.pt`); this measures
-whether averaging the fold models instead (soft voting: mean subject probability and mean voxel map) would do
-better, and what fine-tuning added over the shipped model. Everything is scored at the group model's thresholds
+The group level's final model (`group/model.pt`) is by default one network refit on every cross-validation
+participant, or with `--final_model fold_ensemble` the folds' ensemble; this measures both from one refit run (the
+ensemble is `models.ensemble_of` the fold checkpoints, logits averaged, as `--final_model fold_ensemble` writes it),
+and what fine-tuning added over the shipped model. Everything is scored at the group model's thresholds
 (out-of-fold Youden's J and voxel rule), the shipped model also at its own, on the participants that
 participants.tsv marks `split = test`, from the group run's preprocessing cache. A test split of tens of
 participants separates models poorly, so each figure carries a 95 % bootstrap interval, and the ensemble's gain over
@@ -34,7 +35,7 @@ from bids_fcd.evaluate import (
 )
 from bids_fcd.infer import predict
 from bids_fcd.inputs import discover
-from bids_fcd.models import load_checkpoint
+from bids_fcd.models import ensemble_of, load_checkpoint
 from bids_fcd.preprocess import mask_to_template
 from bids_fcd.template import model_grid
 
@@ -71,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.n_cpus)
     group = args.output_dir / "group"
     final, config = load_checkpoint(group / "model.pt")
-    folds = {path.parent.name: load_checkpoint(path)[0] for path in sorted(group.glob("fold-*/checkpoint_best.pt"))}
+    fold_paths = sorted(group.glob("fold-*/checkpoint_best.pt"))
+    folds = {path.parent.name: load_checkpoint(path)[0] for path in fold_paths}
+    final_name = "final (refit)" if config.ensemble_size == 1 else "final (fold ensemble)"
     shipped, shipped_config = load_checkpoint(SHIPPED)
     if shipped_config.grid_shape != config.grid_shape or shipped_config.grid_spacing_mm != config.grid_spacing_mm:
         raise SystemExit("the shipped model's grid differs from the group model's: compare on one grid only")
@@ -80,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if not units:
         raise SystemExit(f"{args.bids_dir / 'participants.tsv'}: no participant with split = test")
     device = torch.device("cpu")
-    models = {"final (refit)": final, **folds, "shipped": shipped}
+    models = {final_name: final, **folds, "shipped": shipped}
+    if config.ensemble_size == 1:
+        models["ensemble of folds"] = ensemble_of(fold_paths)[0]
     labels, probabilities, maps = [], {name: [] for name in models}, {name: [] for name in models}
     lesions = []
     for unit in units:
@@ -93,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
             prediction = predict(model, config, image, pre.brain_mask, device)
             probabilities[name].append(prediction.fcd_probability)
             maps[name].append(prediction.prob_template)
-    probabilities["ensemble of folds"] = list(np.mean([probabilities[name] for name in folds], axis=0))
-    maps["ensemble of folds"] = [np.mean([maps[name][i] for name in folds], axis=0) for i in range(len(units))]
 
     def cases_of(name: str, voxel_threshold: float) -> list[dict]:
         return [lesion_case(prob, lesion, voxel_threshold, config.min_cluster_voxels)
@@ -108,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {name: scored(name, config.subject_threshold, config.voxel_threshold) for name in probabilities}
     result["shipped at its own thresholds"] = scored("shipped", shipped_config.subject_threshold,
                                                      shipped_config.voxel_threshold)
-    ensemble_gain = paired_gain(labels, probabilities, {name: cases_of(name, config.voxel_threshold)
-                                                        for name in ("ensemble of folds", "final (refit)")},
-                                config.subject_threshold)
+    ensemble_gain = {} if config.ensemble_size > 1 else paired_gain(
+        labels, probabilities, {name: cases_of(name, config.voxel_threshold)
+                                for name in ("ensemble of folds", "final (refit)")}, config.subject_threshold)
     record = {"group_run": str(args.output_dir), "n_test": len(units), "n_fcd": int(sum(labels)),
               "group_thresholds": [config.subject_threshold, config.voxel_threshold],
               "shipped_thresholds": [shipped_config.subject_threshold, shipped_config.voxel_threshold],
@@ -123,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<30} " + "  ".join("  n/a" if m[k] is None else f"{m[k]:.2f}" for k in
                                          ("auroc", "sensitivity", "specificity", "detection_rate", "dice",
                                           "false_positive_clusters_per_control")))
-    print("ensemble minus refit, 95 % paired intervals: " + ", ".join(
-        f"{key} {gain['value']:+.2f} ({gain['ci95'][0]:+.2f} to {gain['ci95'][1]:+.2f})"
-        for key, gain in ensemble_gain.items() if gain["ci95"]))
+    if ensemble_gain:
+        print("ensemble minus refit, 95 % paired intervals: " + ", ".join(
+            f"{key} {gain['value']:+.2f} ({gain['ci95'][0]:+.2f} to {gain['ci95'][1]:+.2f})"
+            for key, gain in ensemble_gain.items() if gain["ci95"]))
     return 0
 
 

@@ -160,15 +160,20 @@ def shortcut_warning(metadata_auroc: float | None, image_auroc: float | None) ->
 
 @torch.no_grad()
 def encoder_features(model: nn.Module, samples: list[Sample], device: torch.device) -> np.ndarray:
-    """(N, C) deepest encoder feature map (stride 16) averaged over the brain, per sample (eval mode)."""
+    """(N, C) deepest encoder feature map (stride 16) averaged over the brain, per sample (eval mode); an
+    ensemble's members' features side by side (C summed over members)."""
     model = model.to(device).eval()
+    encoders = [member.encoder for member in getattr(model, "members", [model])]
     features = []
     for sample in samples:
         x = torch.from_numpy(np.ascontiguousarray(sample.image, dtype=np.float32))[None].to(device)
-        deep = model.encoder(x)[-1]  # (1, C, x, y, z)
         mask = torch.from_numpy(sample.brain_mask.astype(np.float32))[None, None].to(device)
-        weight = nn.functional.adaptive_avg_pool3d(mask, deep.shape[2:])  # brain fraction of each deep cell
-        features.append(((deep * weight).sum(dim=(2, 3, 4)) / weight.sum().clamp(min=1e-6))[0].cpu().numpy())
+        pooled = []
+        for encoder in encoders:
+            deep = encoder(x)[-1]  # (1, C, x, y, z)
+            weight = nn.functional.adaptive_avg_pool3d(mask, deep.shape[2:])  # brain fraction of each deep cell
+            pooled.append(((deep * weight).sum(dim=(2, 3, 4)) / weight.sum().clamp(min=1e-6))[0].cpu().numpy())
+        features.append(np.concatenate(pooled))
     return np.stack(features).astype(np.float64)
 
 

@@ -94,6 +94,9 @@ def build_parser() -> Parser:
                        help="random initialisation instead of the starting model's weights")
     group.add_argument("--pretrain_epochs", type=positive_int, default=None, metavar="N",
                        help="autoencoder pre-training epochs of the encoder in each fold (default: none)")
+    group.add_argument("--final_model", choices=("refit", "fold_ensemble"), default="refit",
+                       help="refit: one network retrained on every cross-validated participant; fold_ensemble: "
+                            "the folds' best networks, their outputs averaged (default: refit)")
     group.add_argument("--grad_accum_steps", type=positive_int, default=1, metavar="N",
                        help="batches per optimizer step (gradient accumulation; default: 1)")
     group.add_argument("--patience", type=positive_int, default=10, metavar="N",

@@ -2,14 +2,16 @@
 OUTPUT_DIR/group/.
 
     cached participants -> folds -> K models (early stopping) -> out-of-fold predictions -> thresholds
-    -> final model (refit on every cross-validated participant) -> metrics, shortcut audit, model card, report
+    -> final model -> metrics, shortcut audit, model card, report
 
-Final model: refit on all cross-validation participants for the median of the folds' best epochs (ClinicaDL /
-nnU-Net practice; one network, so `participant --model OUTPUT_DIR/group/model.pt` reads it like any
-checkpoint). The fold models stay in `group/fold-<k>/checkpoint_best.pt`; the thresholds stored with the final
-model are chosen on the fold models' out-of-fold predictions (`evaluate.THRESHOLD_RULE`,
+Final model (`--final_model`): `refit` (default) retrains one network on all cross-validation participants for
+the median of the folds' best epochs (ClinicaDL practice); `fold_ensemble` joins the folds' best networks into
+one `FCDEnsemble` that averages their logits (nnU-Net practice: no retraining, and averaging networks trained
+apart cancels part of their run-to-run variance). Either is one checkpoint that `participant --model
+OUTPUT_DIR/group/model.pt` reads. The fold models stay in `group/fold-<k>/checkpoint_best.pt`; the thresholds
+stored with the final model are chosen on the fold models' out-of-fold predictions (`evaluate.THRESHOLD_RULE`,
 `evaluate.VOXEL_THRESHOLD_RULE`), made exactly as the participant level makes them (`infer.predict`, same
-`--n_passes`).
+`--n_passes`): for the ensemble too, whose mean logit is on the scale of its members'.
 
 Multi-GPU: `torchrun --nproc_per_node=N run.py BIDS_DIR OUTPUT_DIR group ...` (see `bids_fcd.engine`).
 """
@@ -305,18 +307,44 @@ def _group_level(args: argparse.Namespace, units: list[Participant], label_spec:
         _, result = train_one(config, state, [samples[i] for i in train_idx], [samples[i] for i in val_idx],
                               options, group_dir / f"fold-{k}", k, dist)
         results.append(result)
-    final_epochs = max(1, round(float(np.median([r.best_epoch for r in results]))))
-    log.info("final model: refit on %d unit(s) for %d epoch(s) (median best epoch of the folds)",
-             len(plan.cv_indices), final_epochs)
-    final_model, final_result = train_one(config, state, [samples[i] for i in plan.cv_indices], [], options,
-                                          group_dir / "final", plan.n_folds, dist, epochs=final_epochs)
+    final_model, final = final_network(args.final_model, config, state, samples, plan, results, options,
+                                       group_dir, dist)
     if not dist.is_main:
         return exit_codes.EXIT_OK
 
-    finish_group(GroupRun(args, label_spec, config, samples, plan, results, final_result, final_epochs,
-                          failed,
-                          options, dist.device), final_model)
+    finish_group(GroupRun(args, label_spec, config, samples, plan, results, final, failed, options,
+                          dist.device), final_model)
     return exit_codes.EXIT_PARTICIPANT_FAILED if failed else exit_codes.EXIT_OK
+
+
+@dataclass
+class FinalModel:
+    """How the final network was made: its description (metrics, card), refit history, ensemble size."""
+
+    description: str
+    history: list[dict]
+    ensemble_size: int
+
+
+def final_network(kind: str, config: ModelConfig, state: dict | None, samples: list[Sample], plan: SplitPlan,
+                  folds: list[FitResult], options: TrainOptions, group_dir: Path,
+                  dist: DistContext) -> tuple[torch.nn.Module, FinalModel]:
+    """The model written as group/model.pt: a refit on every cross-validation unit, or the folds' ensemble."""
+    from bids_fcd.models import ensemble_of
+
+    if kind == "fold_ensemble":
+        dist.barrier()  # every rank's folds are saved before rank 0 reads them
+        model, _ = ensemble_of([group_dir / f"fold-{k}" / "checkpoint_best.pt" for k in range(plan.n_folds)])
+        log.info("final model: soft-voting ensemble of the %d folds' best networks", plan.n_folds)
+        return model, FinalModel(f"soft-voting ensemble of the {plan.n_folds} folds' best networks (logits "
+                                 "averaged; no refit)", [], plan.n_folds)
+    epochs = max(1, round(float(np.median([r.best_epoch for r in folds]))))
+    log.info("final model: refit on %d unit(s) for %d epoch(s) (median best epoch of the folds)",
+             len(plan.cv_indices), epochs)
+    model, result = train_one(config, state, [samples[i] for i in plan.cv_indices], [], options,
+                              group_dir / "final", plan.n_folds, dist, epochs=epochs)
+    return model, FinalModel(f"refit on all {len(plan.cv_indices)} cross-validation units for {epochs} epochs "
+                             "(median best epoch of the folds)", result.history, 1)
 
 
 # --- after training: out-of-fold predictions, thresholds, metrics, audit, outputs ---------------------------
@@ -332,8 +360,7 @@ class GroupRun:
     samples: list[Sample]
     plan: SplitPlan
     folds: list[FitResult]
-    final: FitResult
-    final_epochs: int
+    final: FinalModel
     failed: dict[str, tuple]
     options: TrainOptions
     device: torch.device
@@ -476,8 +503,7 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
             "subject_threshold": subject_threshold, "threshold_rule": THRESHOLD_RULE,
             "voxel_threshold": voxel_threshold, "voxel_threshold_rule": voxel_rule,
             "min_cluster_mm3": run.config.min_cluster_mm3, "n_bootstrap": N_BOOTSTRAP,
-            "final_model": f"refit on all {len(plan.cv_indices)} cross-validation units for "
-                           f"{run.final_epochs} epochs (median best epoch of the folds)",
+            "final_model": run.final.description,
             "predictions": f"infer.predict with {args.n_passes} pass(es), as the participant level"},
         "cohort": {"n_units": len(samples), "n_participants": len({s.participant_id for s in samples}),
                    "n_fcd": int(run.labels.sum()), "n_control": int((run.labels == 0).sum()),
@@ -510,8 +536,8 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
         frame.to_csv(temporary, sep="\t", index=False, na_rep="n/a")
 
     final_config = run.config.updated(
-        subject_threshold=subject_threshold, voxel_threshold=voxel_threshold,
-        name="bids_fcd-group", model_version=f"{__version__}+group.{date.today().isoformat()}",
+        ensemble_size=run.final.ensemble_size, subject_threshold=subject_threshold,
+        voxel_threshold=voxel_threshold, name="bids_fcd-group", model_version=f"{__version__}+group.{date.today().isoformat()}",
         training=training_record(run, metrics, subject_threshold), versions=package_versions())
     save_checkpoint(final_model.cpu(), final_config, run.group_dir / "model.pt")
     summary = GroupSummary(config=final_config, metrics=metrics, predictions=frame,

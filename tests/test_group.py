@@ -19,7 +19,7 @@ import torch
 from bids_fcd import cli, data, evaluate, exit_codes
 from bids_fcd.models import build_model, load_checkpoint, save_checkpoint
 from tests import browser
-from tests.group_factory import TINY_CONFIG, TINY_GRID, fake_preprocess_unit, write_tiny_bids
+from tests.group_factory import TINY_CONFIG, TINY_GRID, fake_preprocess_unit, tiny_participant, write_tiny_bids
 
 N_PARTICIPANTS = 12
 GROUP_ARGS = ["--skip_bids_validator", "--n_folds", "2", "--epochs", "2", "--batch_size", "2", "--n_cpus",
@@ -185,6 +185,38 @@ def test_rerun_resumes_finished_folds_and_reproduces_the_model(group_run, starti
     assert run_group(bids, out, starting_model) == 0
     after = torch.load(out / "group" / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fold_ensemble_is_the_folds_best_networks_and_predicts_the_test_set(tmp_path, starting_model):
+    """`--final_model fold_ensemble`: no refit; model.pt averages the folds' best networks, and the participant
+    level's prediction (`infer.predict` of the loaded model.pt) is the one predictions.tsv holds for the test set."""
+    from bids_fcd.infer import predict
+    from bids_fcd.models import FCDEnsemble
+
+    bids = write_tiny_bids(tmp_path / "bids", N_PARTICIPANTS)
+    out = tmp_path / "out"
+    assert run_group(bids, out, starting_model, "--epochs", "1", "--final_model", "fold_ensemble") == 0
+    group = out / "group"
+    assert not (group / "final").exists()
+    model, config = load_checkpoint(group / "model.pt")
+    assert isinstance(model, FCDEnsemble) and config.ensemble_size == 2
+    assert json.loads((group / "model.json").read_text())["ensemble_size"] == 2
+    for k, member in enumerate(model.members):
+        best = torch.load(group / f"fold-{k}" / "checkpoint_best.pt", weights_only=True)["state_dict"]
+        assert all(torch.equal(value, best[name]) for name, value in member.state_dict().items())
+    metrics = json.loads((group / "metrics.json").read_text())
+    assert "ensemble of the 2 folds" in metrics["protocol"]["final_model"]
+    assert "ensemble of the 2 folds" in (group / "MODEL_CARD.md").read_text()
+    table = pd.read_csv(group / "predictions.tsv", sep="\t", keep_default_na=False)
+    test_rows = table[table["fold"] == "test"]
+    assert len(test_rows) == 3
+    for row in test_rows.itertuples():
+        index = int(row.participant_id[4:]) - 1
+        arrays = fake_preprocess_unit(tiny_participant(index, N_PARTICIPANTS), tmp_path, TINY_GRID,
+                                      config.channels, 1)
+        prediction = predict(model, config, arrays.image, arrays.brain_mask, torch.device("cpu"), n_passes=1,
+                             seed=5)
+        assert prediction.fcd_probability == pytest.approx(row.fcd_probability, abs=1e-5)
 
 
 def test_split_with_patients_only_in_test_is_warned_and_reported_separately(tmp_path, starting_model,
