@@ -36,6 +36,11 @@ ROBUST_PERCENTILES = (1.0, 99.0)
 NORMALISED_RANGE = (-0.5, 3.0)  # normalised intensities are clipped to this, bounding outliers
 VOXEL_SIZE_LIMITS_MM = (0.1, 10.0)
 MIN_VOXELS_PER_AXIS = 8
+# sform and qform further apart than this anywhere in the image are warned about. Not a matrix tolerance: the qform
+# stores a rotation as a float32 quaternion whose real part is recomputed from the other three, so near a 180-degree
+# rotation (an LPS-stored scan) a header written by nibabel or dcm2niix differs from its own sform by ~1e-3 per
+# matrix entry, 0.1-0.3 mm across a head; a real disagreement moves the scan by millimetres.
+FORMS_DISAGREE_MM = 0.5
 # deepbet masks outside this are failures (template mask instead); 600 mL lets a young child's brain through
 BRAIN_VOLUME_LIMITS_ML = (600.0, 2200.0)
 N4_SHRUNK_SPACING_MM = 6.0
@@ -234,10 +239,10 @@ def load_ras(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise InvalidImageError(path, "its affine is singular or not finite")
     sform, sform_code = image.header.get_sform(coded=True) if hasattr(image.header, "get_sform") else (None, 0)
     qform, qform_code = image.header.get_qform(coded=True) if hasattr(image.header, "get_qform") else (None, 0)
-    if sform_code and qform_code and not np.allclose(sform, qform, atol=1e-3):
+    if sform_code and qform_code and (apart := forms_apart_mm(sform, qform, data.shape[:3])) > FORMS_DISAGREE_MM:
         # nibabel (and so this app) uses the sform; tools that prefer the qform would place the scan elsewhere
-        _log.warning("%s: its sform and qform disagree (voxel (0,0,0) at %s vs %s mm); the sform is used", path,
-                     np.round(sform[:3, 3], 1).tolist(), np.round(qform[:3, 3], 1).tolist())
+        _log.warning("%s: its sform and qform disagree (they place voxels up to %.1f mm apart); the sform is used",
+                     path, apart)
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     low, high = VOXEL_SIZE_LIMITS_MM
     if np.any(zooms < low) or np.any(zooms > high):
@@ -261,6 +266,14 @@ def load_ras(path: Path) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------
 # Steps on SimpleITK images (LPS mm)
 # ---------------------------------------------------------------------------------------------------------
+
+
+def forms_apart_mm(sform: np.ndarray, qform: np.ndarray, shape: tuple[int, ...]) -> float:
+    """Largest distance between where the sform and the qform put a corner voxel of the image (an affine map's
+    largest displacement over a box is at a corner)."""
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)])
+    return float(np.linalg.norm(corners @ (sform - qform)[:3].T, axis=1).max())
 
 
 def n4_bias_correct(image: sitk.Image) -> sitk.Image:

@@ -19,7 +19,13 @@ import torch
 from bids_fcd import cli, data, evaluate, exit_codes
 from bids_fcd.models import build_model, load_checkpoint, save_checkpoint
 from tests import browser
-from tests.group_factory import TINY_CONFIG, TINY_GRID, fake_preprocess_unit, tiny_participant, write_tiny_bids
+from tests.group_factory import (
+    TINY_CONFIG,
+    TINY_GRID,
+    fake_preprocess_unit,
+    tiny_participant,
+    write_tiny_bids,
+)
 
 N_PARTICIPANTS = 12
 GROUP_ARGS = ["--skip_bids_validator", "--n_folds", "2", "--epochs", "2", "--batch_size", "2", "--n_cpus",
