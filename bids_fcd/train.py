@@ -333,7 +333,7 @@ def final_network(kind: str, config: ModelConfig, state: dict | None, samples: l
     from bids_fcd.models import ensemble_of
 
     if kind == "fold_ensemble":
-        dist.barrier()  # every rank's folds are saved before rank 0 reads them
+        dist.barrier()  # rank 0 has written every fold's checkpoint_best.pt before any rank reads them
         model, _ = ensemble_of([group_dir / f"fold-{k}" / "checkpoint_best.pt" for k in range(plan.n_folds)])
         log.info("final model: soft-voting ensemble of the %d folds' best networks", plan.n_folds)
         return model, FinalModel(f"soft-voting ensemble of the {plan.n_folds} folds' best networks (logits "
@@ -537,7 +537,8 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
 
     final_config = run.config.updated(
         ensemble_size=run.final.ensemble_size, subject_threshold=subject_threshold,
-        voxel_threshold=voxel_threshold, name="bids_fcd-group", model_version=f"{__version__}+group.{date.today().isoformat()}",
+        voxel_threshold=voxel_threshold, name="bids_fcd-group",
+        model_version=f"{__version__}+group.{date.today().isoformat()}",
         training=training_record(run, metrics, subject_threshold), versions=package_versions())
     save_checkpoint(final_model.cpu(), final_config, run.group_dir / "model.pt")
     summary = GroupSummary(config=final_config, metrics=metrics, predictions=frame,

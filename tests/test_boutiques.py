@@ -133,8 +133,8 @@ def test_a_simulated_invocation_parses_back_to_the_same_values(tmp_path, monkeyp
         "seed": 7, "n_passes": 2, "label_column": "diagnosis", "positive_label": "patient", "n_folds": 3,
         "epochs": 2, "batch_size": 8, "learning_rate": 0.01, "architecture": "resnet3d_18",
         "arch_params": '{"width": 0.5}', "grid_spacing_mm": 3.0, "grid_shape": "48x64x48", "from_scratch": True,
-        "pretrain_epochs": 2, "final_model": "fold_ensemble", "grad_accum_steps": 2, "patience": 5, "mixed_precision": "bf16",
-        "augmentation": "gpu", "deterministic": True, "embedding": "tsne",
+        "pretrain_epochs": 2, "final_model": "fold_ensemble", "grad_accum_steps": 2, "patience": 5,
+        "mixed_precision": "bf16", "augmentation": "gpu", "deterministic": True, "embedding": "tsne",
     }
     (tmp_path / "invocation.json").write_text(json.dumps(invocation))
     result = subprocess.run([bosh(), "exec", "simulate", "-i", "invocation.json", str(DESCRIPTOR_PATH)],
