@@ -29,7 +29,7 @@ import SimpleITK as sitk
 from bids_fcd.preprocess import Preprocessed, preprocess, write_transform
 from bids_fcd.template import Grid
 
-PREPROCESS_VERSION = "3"  # bump whenever preprocessing's output changes (2, 3: rotation searches, T1w, FLAIR)
+PREPROCESS_VERSION = "4"  # bump whenever preprocessing's output changes (2, 3: rotation searches; 4: MI sampling)
 
 _ARRAYS = "arrays.npz"
 _METADATA = "preprocessed.json"
