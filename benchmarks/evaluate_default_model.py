@@ -35,6 +35,7 @@ from bids_fcd.cache import load_or_preprocess
 from bids_fcd.cli import main as run_app
 from bids_fcd.config import DEFAULT_N_PASSES
 from bids_fcd.evaluate import (
+    LESION_EDGE_DISTANCE_EDGES_MM,
     LESION_VOLUME_EDGES_ML,
     auroc,
     band_members,
@@ -71,14 +72,16 @@ def saliency_in_lesion(saliency: np.ndarray, lesion: np.ndarray) -> bool:
 
 
 def by_lesion(rows: list[dict], threshold: float) -> dict:
-    """Detection, sensitivity and AUROC against all controls of the test set, per band of lesion volume and of
-    FLAIR contrast: where the misses are. Contrast bands are the terciles of this test set's lesions."""
+    """Detection, sensitivity and AUROC against all controls of the test set, per band of lesion volume, of FLAIR
+    contrast and of depth inside the brain mask: where the misses are. Contrast bands are the terciles of this test
+    set's lesions."""
     patients = [r for r in rows if r["label"] == 1]
     control_probs = [r["fcd_probability"] for r in rows if r["label"] == 0]
     contrasts = [r["lesion"]["flair_contrast"] for r in patients if r["lesion"]["flair_contrast"] is not None]
     contrast_edges = tuple(float(e) for e in np.round(np.quantile(contrasts, [1 / 3, 2 / 3]), 2))
     result = {}
-    for key, edges, unit in (("volume_ml", LESION_VOLUME_EDGES_ML, "mL"), ("flair_contrast", contrast_edges, "SD")):
+    for key, edges, unit in (("volume_ml", LESION_VOLUME_EDGES_ML, "mL"), ("flair_contrast", contrast_edges, "SD"),
+                             ("edge_distance_mm", LESION_EDGE_DISTANCE_EDGES_MM, "mm")):
         bands = {}
         for band, indices in band_members([r["lesion"][key] for r in patients], edges, unit).items():
             members = [patients[i] for i in indices]
@@ -232,11 +235,13 @@ def targets_lines(result: dict) -> str:
 
 
 def misses_table(result: dict) -> str:
-    """Detection, sensitivity and AUROC per band of lesion volume and FLAIR contrast, for both test sets."""
+    """Detection, sensitivity and AUROC per band of lesion volume, FLAIR contrast and depth inside the brain mask,
+    for both test sets."""
     rows = ["| test set | lesions | n | lesion detection | sensitivity | AUROC against all controls |",
             "|---" * 6 + "|"]
     for key, name in (("synthetic_full_pipeline", "synthetic"), ("real_anatomy_with_implants", "real anatomy")):
-        for measure, label in (("volume_ml", "volume"), ("flair_contrast", "FLAIR contrast")):
+        for measure, label in (("volume_ml", "volume"), ("flair_contrast", "FLAIR contrast"),
+                               ("edge_distance_mm", "depth inside the brain mask")):
             for band, m in result[key]["by_lesion"][measure].items():
                 rows.append(f"| {name} | {label} {band} | {m['n']} | {_fmt(m['detection_rate'])} "
                             f"| {_fmt(m['sensitivity'])} | {_fmt(m['auroc_against_controls'])} |")
@@ -301,10 +306,12 @@ Against the targets set for the shipped model:
 
 {targets_lines(result)}
 
-Where the misses are: the same figures per band of lesion volume (mL, on the model grid) and of FLAIR
+Where the misses are: the same figures per band of lesion volume (mL, on the model grid), of FLAIR
 contrast (median FLAIR in the lesion minus that in its mirror image across the midline of the symmetric
-template, in robust SDs of the brain's FLAIR; bands are the terciles of each test set's lesions). Bands hold
-few lesions, so read them as a direction, not a figure.
+template, in robust SDs of the brain's FLAIR; bands are the terciles of each test set's lesions) and of depth
+inside the brain mask (how far the lesion's shallowest voxel lies from the mask's edge; < 1 mm: the lesion
+crosses it, as one reaching the brain's surface does). Bands hold few lesions, so read them as a direction, not
+a figure.
 
 {misses_table(result)}
 

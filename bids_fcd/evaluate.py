@@ -31,6 +31,9 @@ CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 # Lesion-volume bands for "which lesions are missed": about the thirds of the log-uniform 0.5-8 mL range the
 # synthetic lesions are drawn from.
 LESION_VOLUME_EDGES_ML = (1.0, 3.0)
+# Bands of `lesion_conspicuity`'s edge distance: crossing the brain mask's edge (0), one or two voxels of the
+# 1.5 mm grid inside it, deeper
+LESION_EDGE_DISTANCE_EDGES_MM = (1.0, 3.0)
 
 
 def _safe_ratio(numerator: float, denominator: float) -> float | None:
@@ -380,16 +383,21 @@ def lesion_conspicuity(flair: np.ndarray | None, lesion: np.ndarray, brain: np.n
         spacing_mm: isotropic voxel size of the grid.
 
     Returns:
-        volume_ml and flair_contrast (None without FLAIR or when the mirrored region falls outside the brain).
+        volume_ml; flair_contrast (None without FLAIR or when the mirrored region falls outside the brain);
+        edge_distance_mm, how deep the lesion's shallowest voxel lies inside the brain mask (0 where the lesion
+        crosses the mask's edge, as a lesion of the convexity's cortex may): on a calibration cohort the lesions
+        crossing it were the ones the shipped model's map missed most, large and bright ones among them.
     """
     target = np.asarray(lesion) >= 0.5
     brain = np.asarray(brain) > 0
     if not target.any():
         raise ValueError("lesion_conspicuity needs a non-empty lesion mask")
     volume_ml = float(target.sum() * spacing_mm ** 3 / 1000.0)
+    edge_distance_mm = float(ndimage.distance_transform_edt(brain)[target].min() * spacing_mm)
     mirror = np.flip(target, axis=0) & brain & ~target
     if flair is None or not mirror.any():
-        return {"volume_ml": volume_ml, "flair_contrast": None}
+        return {"volume_ml": volume_ml, "flair_contrast": None, "edge_distance_mm": edge_distance_mm}
     spread = float(median_abs_deviation(flair[brain], scale="normal"))
     contrast = float(np.median(flair[target])) - float(np.median(flair[mirror]))
-    return {"volume_ml": volume_ml, "flair_contrast": contrast / spread if spread > 0 else None}
+    return {"volume_ml": volume_ml, "flair_contrast": contrast / spread if spread > 0 else None,
+            "edge_distance_mm": edge_distance_mm}

@@ -413,7 +413,8 @@ def known_lesion(sample: Sample) -> np.ndarray | None:
 def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], subject_threshold: float,
                     voxel_threshold: float) -> list[dict]:
     """One predictions.tsv row per sample of `predicted`, with its lesion localisation outcome and, where the
-    lesion is known, its volume and FLAIR contrast (`evaluate.lesion_conspicuity`): which lesions are missed."""
+    lesion is known, its volume, FLAIR contrast and depth inside the brain mask (`evaluate.lesion_conspicuity`):
+    which lesions are missed."""
     from bids_fcd.evaluate import lesion_case, lesion_conspicuity
 
     rows = []
@@ -422,7 +423,7 @@ def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], sub
     for j, i in enumerate(predicted.indices):
         sample = run.samples[i]
         case = lesion_case(predicted.maps[j].astype(np.float32), known_lesion(sample), voxel_threshold, min_voxels)
-        conspicuity = {"volume_ml": None, "flair_contrast": None}
+        conspicuity = {"volume_ml": None, "flair_contrast": None, "edge_distance_mm": None}
         if case["detected"] is not None:  # a non-empty lesion mask
             conspicuity = lesion_conspicuity(None if flair_channel is None else sample.image[flair_channel],
                                              sample.lesion, sample.brain_mask, run.config.grid_spacing_mm)
@@ -439,6 +440,7 @@ def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], sub
             "dice": _rounded(case["dice"], 4),
             "lesion_volume_ml": _rounded(conspicuity["volume_ml"], 3),
             "lesion_flair_contrast": _rounded(conspicuity["flair_contrast"], 3),
+            "lesion_edge_distance_mm": _rounded(conspicuity["edge_distance_mm"], 2),
         })
     return rows
 

@@ -225,7 +225,14 @@ def test_lesion_conspicuity_measures_volume_and_contrast_against_the_mirrored_ho
     flair[np.flip(lesion, axis=0)] += 2.0
     assert abs(evaluate.lesion_conspicuity(flair, lesion, brain, 2.0)["flair_contrast"]) < 0.6
     assert evaluate.lesion_conspicuity(None, lesion, brain, 2.0) == {"volume_ml": result["volume_ml"],
-                                                                      "flair_contrast": None}
+                                                                      "flair_contrast": None,
+                                                                      "edge_distance_mm": 4.0}
+    # The lesion's shallowest voxels lie 2 voxels inside the mask (x = 3; the nearest outside it is x = 1);
+    # one crossing the mask's edge is at 0.
+    assert result["edge_distance_mm"] == pytest.approx(4.0)
+    crossing = np.zeros(brain.shape, bool)
+    crossing[1:4, 3:6, 3:6] = True
+    assert evaluate.lesion_conspicuity(flair, crossing, brain, 2.0)["edge_distance_mm"] == 0.0
     # No homologue inside the brain: no contrast to measure.
     half_brain = brain.copy()
     half_brain[10:] = False

@@ -127,6 +127,7 @@ def test_predictions_table_has_one_row_per_unit(group_run):
     patients = table[table["label"] == "fcd"]
     assert (patients["lesion_volume_ml"].astype(float) > 0).all()
     assert patients["lesion_flair_contrast"].astype(float).notna().all()
+    assert (patients["lesion_edge_distance_mm"].astype(float) >= 0).all()
 
 
 def test_metrics_have_confidence_intervals_sites_and_the_audit(group_run):
