@@ -31,8 +31,8 @@ CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 # Lesion-volume bands for "which lesions are missed": about the thirds of the log-uniform 0.5-8 mL range the
 # synthetic lesions are drawn from.
 LESION_VOLUME_EDGES_ML = (1.0, 3.0)
-# Bands of `lesion_conspicuity`'s edge distance: crossing the brain mask's edge (0), one or two voxels of the
-# 1.5 mm grid inside it, deeper
+# Bands of `lesion_conspicuity`'s edge distance: crossing the brain mask's edge (0), about one voxel of the 1.5 mm
+# grid inside it (1.5-2.6 mm), deeper
 LESION_EDGE_DISTANCE_EDGES_MM = (1.0, 3.0)
 
 
@@ -385,8 +385,9 @@ def lesion_conspicuity(flair: np.ndarray | None, lesion: np.ndarray, brain: np.n
     Returns:
         volume_ml; flair_contrast (None without FLAIR or when the mirrored region falls outside the brain);
         edge_distance_mm, how deep the lesion's shallowest voxel lies inside the brain mask (0 where the lesion
-        crosses the mask's edge, as a lesion of the convexity's cortex may): on a calibration cohort the lesions
-        crossing it were the ones the shipped model's map missed most, large and bright ones among them.
+        crosses the mask's edge, as a lesion of the convexity's cortex may): on a calibration cohort the shipped
+        model's map was silent on lesions at the poles (crossing it) and on the medial surface (deep in it), large
+        and bright ones among them.
     """
     target = np.asarray(lesion) >= 0.5
     brain = np.asarray(brain) > 0
