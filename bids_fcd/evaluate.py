@@ -352,13 +352,13 @@ def band_members(values: Sequence[float | None], edges: Sequence[float], unit: s
     return members
 
 
-def detection_by_volume(volumes_ml: Sequence[float], detected: Sequence[bool],
-                        edges: Sequence[float] = LESION_VOLUME_EDGES_ML) -> dict:
-    """Lesion detection rate per lesion-volume band ({band: {"n", "detection_rate"}}): small lesions are the
-    ones a detector misses first, and a single rate hides it."""
+def detection_by_band(values: Sequence[float], detected: Sequence[bool], edges: Sequence[float],
+                      unit: str) -> dict:
+    """Lesion detection rate per band of a lesion measure ({band: {"n", "detection_rate"}}), e.g. volume
+    (`LESION_VOLUME_EDGES_ML`): small lesions are the ones a detector misses first, and a single rate hides it."""
     return {band: {"n": len(indices),
                    "detection_rate": float(np.mean([bool(detected[i]) for i in indices])) if indices else None}
-            for band, indices in band_members(volumes_ml, edges, "mL").items()}
+            for band, indices in band_members(values, edges, unit).items()}
 
 
 def by_group(groups: np.ndarray, compute: Callable[[np.ndarray], dict], min_size: int = 2) -> dict:

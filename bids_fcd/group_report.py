@@ -67,9 +67,11 @@ def metric_rows(metrics: dict) -> list[list[str]]:
             rows.append([title, key, _fmt(section["subject"][key])])
         for key in LESION_KEYS:
             rows.append([title, f"lesion {key}", _fmt(section["lesion"][key])])
-        for band, entry in section["lesion_by_volume"].items():
-            rows.append([title, f"lesion detection_rate, lesions {band}",
-                         f"{_fmt(entry['detection_rate'])} (n = {entry['n']})"])
+        by_band = (("lesion_by_volume", "lesions"), ("lesion_by_edge_distance", "lesions inside the brain mask by"))
+        for key, measure in by_band:
+            for band, entry in section[key].items():
+                rows.append([title, f"lesion detection_rate, {measure} {band}",
+                             f"{_fmt(entry['detection_rate'])} (n = {entry['n']})"])
         rows.append([title, "n (FCD)", f"{section['subject']['n']} ({section['subject']['n_positive']})"])
     for site, section in metrics["cross_validation"]["by_site"].items():
         for key in ("auroc", "sensitivity", "specificity"):

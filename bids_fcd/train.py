@@ -452,8 +452,10 @@ def _rounded(value: float | None, digits: int) -> float | None:
 def cohort_metrics(frame: pd.DataFrame, threshold: float, n_boot: int, seed: int) -> dict:
     """Subject and lesion metrics (with CIs) of a predictions table, overall and by site."""
     from bids_fcd.evaluate import (
+        LESION_EDGE_DISTANCE_EDGES_MM,
+        LESION_VOLUME_EDGES_ML,
         by_group,
-        detection_by_volume,
+        detection_by_band,
         lesion_metrics_with_ci,
         subject_metrics_with_ci,
     )
@@ -470,8 +472,11 @@ def cohort_metrics(frame: pd.DataFrame, threshold: float, n_boot: int, seed: int
 
     result = compute(frame)
     with_lesion = frame[frame["lesion_volume_ml"].notna()]
-    result["lesion_by_volume"] = detection_by_volume(with_lesion["lesion_volume_ml"].to_numpy(),
-                                                     with_lesion["lesion_detected"].astype(bool).to_numpy())
+    detected = with_lesion["lesion_detected"].astype(bool).to_numpy()
+    result["lesion_by_volume"] = detection_by_band(with_lesion["lesion_volume_ml"].to_numpy(), detected,
+                                                   LESION_VOLUME_EDGES_ML, "mL")
+    result["lesion_by_edge_distance"] = detection_by_band(with_lesion["lesion_edge_distance_mm"].to_numpy(),
+                                                          detected, LESION_EDGE_DISTANCE_EDGES_MM, "mm")
     result["by_site"] = by_group(frame["site"].to_numpy(), lambda mask: compute(frame[mask]))
     return result
 

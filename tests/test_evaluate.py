@@ -276,13 +276,13 @@ def test_detector_figures_ci_brackets_the_figures_and_resamples_groups_whole():
     assert 0.0 < independent["detection_rate"][0] and independent["detection_rate"][1] < 1.0
 
 
-def test_volume_bands_and_detection_by_volume():
+def test_volume_bands_and_detection_by_band():
     assert [evaluate.band_label(v, (1.0, 3.0), "mL") for v in (0.5, 1.0, 2.9, 3.0, 8.0)] == [
         "< 1 mL", "1-3 mL", "1-3 mL", ">= 3 mL", ">= 3 mL"]
     assert evaluate.band_labels((1.0, 3.0), "mL") == ["< 1 mL", "1-3 mL", ">= 3 mL"]
     assert evaluate.band_members([2.0, None, 0.5, 4.0, 1.5], (1.0, 3.0), "mL") == {
         "< 1 mL": [2], "1-3 mL": [0, 4], ">= 3 mL": [3]}
-    result = evaluate.detection_by_volume([0.5, 0.7, 2.0, 5.0], [False, True, True, True])
+    result = evaluate.detection_by_band([0.5, 0.7, 2.0, 5.0], [False, True, True, True], (1.0, 3.0), "mL")
     assert result == {"< 1 mL": {"n": 2, "detection_rate": 0.5}, "1-3 mL": {"n": 1, "detection_rate": 1.0},
                       ">= 3 mL": {"n": 1, "detection_rate": 1.0}}
-    assert evaluate.detection_by_volume([], [])[">= 3 mL"] == {"n": 0, "detection_rate": None}
+    assert evaluate.detection_by_band([], [], (1.0, 3.0), "mL")[">= 3 mL"] == {"n": 0, "detection_rate": None}

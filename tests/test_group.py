@@ -149,6 +149,9 @@ def test_metrics_have_confidence_intervals_sites_and_the_audit(group_run):
     assert sum(band["n"] for band in by_volume.values()) == len(cv_patients)
     detected = sum(band["n"] * band["detection_rate"] for band in by_volume.values() if band["n"])
     assert detected == pytest.approx(cv_patients["lesion_detected"].astype(bool).sum())
+    by_depth = cv["lesion_by_edge_distance"]
+    assert list(by_depth) == evaluate.band_labels(evaluate.LESION_EDGE_DISTANCE_EDGES_MM, "mm")
+    assert sum(band["n"] for band in by_depth.values()) == len(cv_patients)
     assert "test" in metrics and metrics["protocol"]["test_set"]
     assert metrics["shortcut_audit"]["best"]["auroc"] is not None
     assert "harmonise" in metrics["harmonisation"] and metrics["cohort"]["n_fcd"] == N_PARTICIPANTS // 2
