@@ -25,12 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
 from bids_fcd import preprocess as P
-from tests.fixtures_real import rigid_motion_ras, write_moved_copy
+from tests.fixtures_real import distances_mm, write_moved_about_centre
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"
@@ -48,17 +47,9 @@ MOTIONS = [((25, 12.5, 0), (5, -5, 5)), ((-25, 0, 10), (-4, 6, 0)), ((0, 25, -10
            ((20, -20, 0), (0, -8, 4)), ((10, 5, 0), (2, 2, 2)), ((30, 0, 15), (-5, 0, 5))]
 
 
-def moved_copy(path: Path, degrees, shift_mm, folder: Path) -> tuple[Path, np.ndarray]:
-    """The image moved about its centre; (its path, the motion as 4x4 scanner RAS+ mm)."""
-    image = nib.load(path)
-    centre_mm = nib.affines.apply_affine(image.affine, (np.array(image.shape) - 1) / 2)
-    motion = rigid_motion_ras(degrees, shift_mm, centre_mm)
-    return write_moved_copy(path, motion, folder / path.name), motion
-
-
 def errors_mm(found: np.ndarray, expected: np.ndarray, points_lps: np.ndarray) -> dict:
     """Max and median distance (mm) between two 4x4 LPS transforms' images of (4, n) homogeneous points."""
-    distance = np.linalg.norm((found @ points_lps - expected @ points_lps)[:3], axis=0)
+    distance = distances_mm(found, expected, points_lps)
     return {"max_mm": round(float(distance.max()), 2), "median_mm": round(float(np.median(distance)), 2)}
 
 
@@ -82,7 +73,8 @@ def flair_rows(folder: Path) -> list[dict]:
         t1w, mask = load_brain(REAL / t1w_name)
         points = brain_points(t1w, mask, every=500)
         for degrees, shift_mm in [((0, 0, 0), (0, 0, 0)), *MOTIONS]:
-            moved, motion = moved_copy(REAL / flair_name, degrees, shift_mm, folder)
+            moved, motion = write_moved_about_centre(REAL / flair_name, degrees, shift_mm,
+                                                     folder / Path(flair_name).name)
             flair = P.n4_bias_correct(P._to_sitk(*P.load_ras(moved)))
             start = time.perf_counter()
             found = P.transform_matrix(P.register_flair_to_t1w(t1w, flair, mask))
@@ -101,7 +93,7 @@ def template_rows(folder: Path) -> list[dict]:
     for t1w_name in TEMPLATE_CASES:
         upright = None
         for degrees, shift_mm in [((0, 0, 0), (0, 0, 0)), *MOTIONS[:3]]:
-            moved, motion = moved_copy(REAL / t1w_name, degrees, shift_mm, folder)
+            moved, motion = write_moved_about_centre(REAL / t1w_name, degrees, shift_mm, folder / Path(t1w_name).name)
             t1w, mask = load_brain(moved)
             start = time.perf_counter()
             found = P.transform_matrix(P.register_t1w_to_template(sitk.Mask(t1w, mask)))

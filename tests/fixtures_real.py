@@ -58,6 +58,21 @@ def write_moved_copy(source: Path, motion_ras: np.ndarray, destination: Path) ->
     return destination
 
 
+def write_moved_about_centre(source: Path, degrees: tuple[float, float, float], shift_mm: tuple[float, float, float],
+                             destination: Path) -> tuple[Path, np.ndarray]:
+    """`write_moved_copy` with the head turned by `degrees` about the image's centre, then shifted by `shift_mm`;
+    returns (the copy's path, the motion as 4x4 scanner RAS+ mm)."""
+    image = nib.load(source)
+    centre_mm = nib.affines.apply_affine(image.affine, (np.array(image.shape) - 1) / 2)
+    motion = rigid_motion_ras(degrees, shift_mm, centre_mm)
+    return write_moved_copy(source, motion, destination), motion
+
+
+def distances_mm(found: np.ndarray, expected: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """(n,) distances between where two 4x4 transforms put (4, n) homogeneous points (mm in, mm out)."""
+    return np.linalg.norm((found @ points - expected @ points)[:3], axis=0)
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     if not REAL_DATA.is_dir():
@@ -68,11 +83,8 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def stroke_moved_flair(real_data, tmp_path_factory) -> tuple[Path, np.ndarray]:
     """(path of the stroke FLAIR moved by the known motion, that motion as 4x4 scanner RAS+ mm)."""
-    centre_mm = nib.affines.apply_affine(nib.load(STROKE_FLAIR).affine,
-                                         (np.array(nib.load(STROKE_FLAIR).shape) - 1) / 2)
-    motion = rigid_motion_ras(STROKE_FLAIR_MOTION_DEGREES, STROKE_FLAIR_MOTION_MM, centre_mm)
-    path = write_moved_copy(STROKE_FLAIR, motion, tmp_path_factory.mktemp("stroke") / "sub-cstar01_FLAIR.nii.gz")
-    return path, motion
+    return write_moved_about_centre(STROKE_FLAIR, STROKE_FLAIR_MOTION_DEGREES, STROKE_FLAIR_MOTION_MM,
+                                    tmp_path_factory.mktemp("stroke") / "sub-cstar01_FLAIR.nii.gz")
 
 
 @pytest.fixture(scope="session")

@@ -43,8 +43,8 @@ from tests.fixtures_real import (
     N_THREADS,
     STROKE_T1W,
     default_grid,
-    rigid_motion_ras,
-    write_moved_copy,
+    distances_mm,
+    write_moved_about_centre,
 )
 
 # Thresholds a correct registration clears on every real volume here (measured: Dice 0.95-0.97, smoothed
@@ -385,11 +385,9 @@ def test_real_t1w_registers_to_the_template(name, request):
 @pytest.mark.slow
 def test_a_head_tilted_30_degrees_registers_as_the_upright_one(preprocessed_stroke, tmp_path):
     """The rotation search: moments alone left this tilt misregistered (Dice 0.87, T1w-template r 0.50)."""
-    t1w = nib.load(STROKE_T1W)
-    centre_mm = nib.affines.apply_affine(t1w.affine, (np.array(t1w.shape) - 1) / 2)
-    tilt_ras = rigid_motion_ras((30.0, 0.0, 15.0), (0.0, 0.0, 0.0), centre_mm)
-    tilted = preprocess(write_moved_copy(STROKE_T1W, tilt_ras, tmp_path / "sub-tilted_T1w.nii.gz"), None,
-                        default_grid(), n_threads=2)
+    tilted_path, tilt_ras = write_moved_about_centre(STROKE_T1W, (30.0, 0.0, 15.0), (0.0, 0.0, 0.0),
+                                                     tmp_path / "sub-tilted_T1w.nii.gz")
+    tilted = preprocess(tilted_path, None, default_grid(), n_threads=2)
     assert tilted.qc["dice_brain_mask_vs_template"] >= MIN_DICE_VS_TEMPLATE
     assert tilted.qc["t1w_template_correlation"] >= MIN_T1W_TEMPLATE_CORRELATION
     expected = LPS_FROM_RAS @ tilt_ras @ LPS_FROM_RAS @ transform_matrix(preprocessed_stroke.xfm_t1w_to_template)
@@ -397,7 +395,7 @@ def test_a_head_tilted_30_degrees_registers_as_the_upright_one(preprocessed_stro
     brain = np.argwhere(preprocessed_stroke.brain_mask)[::200]
     points = LPS_FROM_RAS @ np.c_[nib.affines.apply_affine(preprocessed_stroke.grid.affine, brain),
                                   np.ones(len(brain))].T  # template LPS mm
-    errors_mm = np.linalg.norm((found @ points - expected @ points)[:3], axis=0)
+    errors_mm = distances_mm(found, expected, points)
     assert errors_mm.max() <= 2.0, f"tilted head registered up to {errors_mm.max():.2f} mm from the upright one"
 
 
@@ -415,15 +413,19 @@ def test_a_scan_preprocesses_the_same_on_one_thread_as_on_two(preprocessed_strok
         assert np.array_equal(getattr(one_thread, name), getattr(preprocessed_stroke, name)), name
 
 
+def flair_motion_errors_mm(pre: Preprocessed, motion_ras: np.ndarray, t1w_path: Path) -> np.ndarray:
+    """How far (mm) the FLAIR->T1w fit puts every 500th voxel of a brain-only T1w from where the FLAIR's known
+    motion (the pair was stored co-registered) puts it."""
+    t1w = nib.load(t1w_path)
+    brain = np.argwhere(t1w.get_fdata() > 0)[::500]
+    points = LPS_FROM_RAS @ np.c_[nib.affines.apply_affine(t1w.affine, brain), np.ones(len(brain))].T
+    expected = LPS_FROM_RAS @ motion_ras @ LPS_FROM_RAS  # T1w LPS -> moved FLAIR LPS
+    return distances_mm(transform_matrix(pre.xfm_flair_to_t1w), expected, points)
+
+
 @pytest.mark.slow
 def test_known_flair_motion_is_recovered_within_a_millimetre(preprocessed_stroke, stroke_moved_flair):
-    _, motion_ras = stroke_moved_flair
-    expected = LPS_FROM_RAS @ motion_ras @ LPS_FROM_RAS  # T1w LPS -> moved FLAIR LPS
-    found = transform_matrix(preprocessed_stroke.xfm_flair_to_t1w)
-    brain = np.argwhere(nib.load(STROKE_T1W).get_fdata() > 0)[::500]
-    points = LPS_FROM_RAS @ np.c_[nib.affines.apply_affine(nib.load(STROKE_T1W).affine, brain),
-                                  np.ones(len(brain))].T
-    errors_mm = np.linalg.norm((found @ points - expected @ points)[:3], axis=0)
+    errors_mm = flair_motion_errors_mm(preprocessed_stroke, stroke_moved_flair[1], STROKE_T1W)
     assert errors_mm.max() <= 1.0, f"FLAIR registration off by up to {errors_mm.max():.2f} mm"
 
 
@@ -435,16 +437,9 @@ def test_flair_of_a_moved_head_is_not_left_where_the_descent_stalled(real_data, 
     descent stopped after ~12 steps 1.4 mm off for both motions, on one thread (1.8-1.9 mm on two)."""
     t1w_path = real_data / "glioma-brainlesion" / "sub-bratsgli00001_T1w.nii.gz"
     flair_path = real_data / "glioma-brainlesion" / "sub-bratsgli00001_FLAIR.nii.gz"
-    flair = nib.load(flair_path)
-    motion_ras = rigid_motion_ras(degrees, shift_mm,
-                                  nib.affines.apply_affine(flair.affine, (np.array(flair.shape) - 1) / 2))
-    moved = write_moved_copy(flair_path, motion_ras, tmp_path / flair_path.name)
-    found = transform_matrix(preprocess(t1w_path, moved, default_grid(), n_threads=1).xfm_flair_to_t1w)
-    t1w = nib.load(t1w_path)
-    brain = np.argwhere(t1w.get_fdata() > 0)[::500]
-    points = LPS_FROM_RAS @ np.c_[nib.affines.apply_affine(t1w.affine, brain), np.ones(len(brain))].T
-    expected = LPS_FROM_RAS @ motion_ras @ LPS_FROM_RAS  # T1w LPS -> moved FLAIR LPS
-    errors_mm = np.linalg.norm((found @ points - expected @ points)[:3], axis=0)
+    moved, motion_ras = write_moved_about_centre(flair_path, degrees, shift_mm, tmp_path / flair_path.name)
+    pre = preprocess(t1w_path, moved, default_grid(), n_threads=1)
+    errors_mm = flair_motion_errors_mm(pre, motion_ras, t1w_path)
     assert errors_mm.max() <= 1.0, f"FLAIR registration off by up to {errors_mm.max():.2f} mm"
 
 

@@ -3,12 +3,13 @@
 # (a warm machine keeps the git-ignored .devsite/ between calls for ~30 s; a fresh one does not):
 #   1. run(command="bash tools/device/run_checks.sh part1", carry=[".devkit/part1"], timeout_s=120)
 #   2. run(command="bash tools/device/run_checks.sh checks", carry=[".devkit/part2"], timeout_s=580)
-# after `bash tools/device/build_kit.sh` here. Writes to $OUT: env.txt, cuda_test.log, model.json (forward,
-# saliency and test-time passes on CUDA, fp32 vs bf16), train.json (bare step vs the pipeline with batched GPU
-# augmentation: issue 5's >= 80 % target), participant.json (the whole participant level with preprocessing on
-# the GPU machine: issue 4's <= 15 s target), checks.log. DEVICE=cpu and PYTHON=... run it anywhere, as a dry run
-# (2026-12-04, here: a Python 3.11 venv holding only what the device image holds, kit built for 3.11: imports, the
-# CUDA test (skipped), the training and participant benchmarks ran; the model one, on 2 CPU threads, timed out).
+# after `bash tools/device/build_kit.sh` here. Writes to $OUT: env.txt, model.json (forward, saliency and
+# test-time passes on CUDA, fp32 vs bf16), train.json (bare step vs the pipeline with batched GPU augmentation:
+# issue 5's >= 80 % target), participant.json (the whole participant level with preprocessing on the GPU
+# machine: issue 4's <= 15 s target) and checks.log (every step's output, the CUDA test's too). DEVICE=cpu and
+# PYTHON=... run it anywhere, as a dry run (2026-12-04, here: a Python 3.11 venv holding only what the device
+# image holds, kit built for 3.11: imports, the CUDA test (skipped), the training and participant benchmarks
+# ran; the model one, on 2 CPU threads, timed out).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 python="${PYTHON:-python3}"
