@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bids_dir", type=Path)
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--n_cpus", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/group_test_split.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.n_cpus)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     units = [unit for unit in discover(args.bids_dir) if unit.split == "test"]
     if not units:
         raise SystemExit(f"{args.bids_dir / 'participants.tsv'}: no participant with split = test")
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     models = {final_name: final, **folds, "shipped": shipped}
     if config.ensemble_size == 1:
         models["ensemble of folds"] = ensemble_of(fold_paths)[0]
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"group_run": str(args.output_dir), "n_test": len(units), "n_fcd": int(sum(labels)),
               "group_thresholds": [config.subject_threshold, config.voxel_threshold],
               "shipped_thresholds": [shipped_config.subject_threshold, shipped_config.voxel_threshold],
-              "models": result, "ensemble_minus_refit": ensemble_gain, "machine": {"platform": platform.platform(), "cpus": args.n_cpus,
+              "models": result, "ensemble_minus_refit": ensemble_gain, "machine": {"platform": platform.platform(), "cpus": args.n_cpus, "device": args.device,
                                             "torch": torch.__version__}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")

@@ -6,7 +6,7 @@ field, blur and Rician noise, on a site's own grids (T1w 1.4-1.5 mm; FLAIR on an
 slice thickness). Patients get one FCD type II from `bids_fcd.lesions`, implanted in template
 space before the warp, and a lesion mask on their FLAIR grid (`*_FLAIR_roi.nii.gz`, as ds004199 has).
 
-Usage: `python -m bids_fcd.synth OUT_DIR [--n N] [--seed S]` (also `bids_fcd synth ...`).
+Usage: `python -m bids_fcd.synth OUT_DIR [--n N] [--seed S] [--n_cpus C]` (also `bids_fcd synth ...`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -279,12 +281,14 @@ def neocortical_territory(grid: Grid) -> np.ndarray:
     return ~(infratentorial | brainstem | deep_and_mesial)
 
 
-def make_cohort(out_dir: Path, n: int, seed: int) -> Path:
+def make_cohort(out_dir: Path, n: int, seed: int, n_cpus: int = 1) -> Path:
     """Write a synthetic BIDS dataset of `n` participants (half patients, rounded up) to `out_dir`.
 
     A group of at least 2 puts a quarter of its members (at least one, never all) in the test split, so from
     n = 4 on both splits hold patients and controls.
-    The same (n, seed) gives byte-identical files. `out_dir` must not exist or be empty. Returns `out_dir`.
+    The same (n, seed) gives byte-identical files, whatever `n_cpus` (participants are written in that many
+    processes; each draws from its own generator, seeded by its index). `out_dir` must not exist or be empty.
+    Returns `out_dir`.
 
     Raises:
         ValueError: n < 1.
@@ -297,10 +301,15 @@ def make_cohort(out_dir: Path, n: int, seed: int) -> Path:
         raise FileExistsError(f"{out_dir} is not empty")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = _draw_participants(np.random.default_rng([seed, 0]), n)
-    for index, row in enumerate(rows):
-        site = next(s for s in SITES if s.label == row["site"])
-        _write_participant(out_dir, row["participant_id"], site, row["group"] == "fcd",
-                           np.random.default_rng([seed, 1, index]))
+    jobs = [(out_dir, row["participant_id"], next(s for s in SITES if s.label == row["site"]), row["group"] == "fcd",
+             np.random.default_rng([seed, 1, index])) for index, row in enumerate(rows)]
+    if n_cpus > 1 and n > 1:
+        with ProcessPoolExecutor(min(n_cpus, n), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for done in [pool.submit(_write_participant, *job) for job in jobs]:
+                done.result()
+    else:
+        for job in jobs:
+            _write_participant(*job)
     _write_dataset_files(out_dir, rows, seed)
     return out_dir
 
@@ -342,19 +351,24 @@ def synth_template_sample(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`bids_fcd synth OUT_DIR [--n N] [--seed S]`. Exit codes: 0 done, 64 usage, 73 cannot create output."""
+    """`bids_fcd synth OUT_DIR [--n N] [--seed S] [--n_cpus C]`. Exit codes: 0 done, 64 usage, 73 cannot create
+    output."""
     parser = _UsageErrorParser(prog="bids_fcd synth", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="where to write the BIDS dataset (missing or empty)")
     parser.add_argument("--n", type=int, default=12, help="participants, half of them patients (default 12)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same dataset")
+    parser.add_argument("--n_cpus", type=int, default=1,
+                        help="participants written in parallel processes (default 1; the files are the same)")
     try:
         args = parser.parse_args(argv)
         if args.n < 1:
             parser.error("--n must be at least 1")
+        if args.n_cpus < 1:
+            parser.error("--n_cpus must be at least 1")
     except SystemExit as stop:  # --help (0) or a usage error (64): return the code, as the main CLI expects
         return int(stop.code or 0)
     try:
-        make_cohort(args.out_dir, args.n, args.seed)
+        make_cohort(args.out_dir, args.n, args.seed, args.n_cpus)
     except (FileExistsError, NotADirectoryError, PermissionError) as error:
         print(f"bids_fcd synth: cannot create output: {error}", file=sys.stderr)
         return EXIT_CANNOT_CREATE_OUTPUT

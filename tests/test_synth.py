@@ -142,8 +142,8 @@ def test_sites_differ_in_scanner_and_protocol():
     assert len({s.scanner["MagneticFieldStrength"] for s in synth.SITES}) >= 2
 
 
-def test_same_seed_gives_identical_files(cohort, tmp_path):
-    again = synth.make_cohort(tmp_path / "again", n=N_PARTICIPANTS, seed=SEED)
+def test_same_seed_gives_identical_files_in_parallel_too(cohort, tmp_path):
+    again = synth.make_cohort(tmp_path / "again", n=N_PARTICIPANTS, seed=SEED, n_cpus=2)
     assert _files(again) == _files(cohort)
     for name in _files(cohort):
         assert (again / name).read_bytes() == (cohort / name).read_bytes(), name
@@ -182,6 +182,7 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert synth.main(["--help"]) == 0
     assert synth.main([str(tmp_path / "out"), "--n", "two"]) == 64
     assert synth.main([str(tmp_path / "out"), "--n", "0"]) == 64
+    assert synth.main([str(tmp_path / "out"), "--n_cpus", "0"]) == 64
     assert synth.main([]) == 64
     assert not (tmp_path / "out").exists()
     (tmp_path / "full").mkdir()

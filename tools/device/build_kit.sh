@@ -10,8 +10,9 @@ platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
          manylinux2014_x86_64 manylinux1_x86_64; do platforms+=(--platform "$p"); done
 rm -rf .devkit && mkdir -p .devkit/sdist .devkit/part1 .devkit/part2
-# docopt (num2words's need) is published as a source archive only: build its pure-Python wheel here
-python3 -m pip wheel --quiet --no-deps -w .devkit/sdist docopt==0.6.2
+# docopt (num2words's need) and neuroCombat are published as source archives only: build their pure-Python
+# wheels here
+python3 -m pip wheel --quiet --no-deps -w .devkit/sdist docopt==0.6.2 neuroCombat==0.2.12
 for part in part1 part2; do
   python3 -m pip download --quiet --no-deps --only-binary=:all: --find-links .devkit/sdist \
     --python-version "$python_version" --implementation cp "${platforms[@]}" \
