@@ -97,12 +97,17 @@ def build_parser() -> Parser:
     group.add_argument("--final_model", choices=("refit", "fold_ensemble"), default="refit",
                        help="refit: one network retrained on every cross-validated participant; fold_ensemble: "
                             "the folds' best networks, their outputs averaged (default: refit)")
+    group.add_argument("--mimic_fraction", type=fraction, default=0.5, metavar="F",
+                       help="share of the training controls and lesion-masked patients that also train as a copy "
+                            "with a non-FCD lesion (MS-like plaques, infarct, glioma), labels unchanged, so that "
+                            "fine-tuning does not learn 'bright on FLAIR is FCD' (default: 0.5; 0: none)")
     group.add_argument("--grad_accum_steps", type=positive_int, default=1, metavar="N",
                        help="batches per optimizer step (gradient accumulation; default: 1)")
     group.add_argument("--patience", type=positive_int, default=10, metavar="N",
                        help="early stopping: epochs without a lower validation loss (default: 10)")
     group.add_argument("--mixed_precision", choices=("off", "bf16", "fp16"), default="off",
-                       help="autocast precision (default: off; bf16 was slower than fp32 on an H100 for this net)")
+                       help="autocast precision (default: off; bf16 was slower than fp32 on an H100 and an H200 "
+                            "for this net)")
     group.add_argument("--augmentation", choices=("auto", "cpu", "gpu", "off"), default="auto",
                        help="cpu: TorchIO per volume; gpu: batched on the device; auto: gpu on CUDA, else cpu")
     group.add_argument("--deterministic", action="store_true",
@@ -135,6 +140,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return value
 
 

@@ -149,6 +149,49 @@ def prepare_samples(units: list[Participant], cache_dir: Path, grid: Grid, chann
     return samples, failed
 
 
+# --- non-FCD lesion mimics ----------------------------------------------------------------------------------
+
+
+def mimic_copies(samples: list[Sample], indices: np.ndarray, fraction: float, seed: int, grid: Grid,
+                 channels: tuple[str, ...]) -> dict[int, Sample]:
+    """{sample index: a copy of that sample with one non-FCD lesion (`bids_fcd.mimics`: MS-like plaques, a chronic
+    infarct or a glioma with oedema, kinds in turn), labels and lesion target unchanged} for a `fraction` of the
+    samples at `indices` that can hold one: controls, and patients whose lesion mask is known (a mimic must stay
+    clear of the lesion). Needs T1w and FLAIR channels; {} without them or at fraction 0.
+
+    Why: fine-tuning on FCD patients against healthy controls teaches that what is bright on FLAIR is FCD. The
+    shipped model, fine-tuned by the group level on 120 synthetic participants without mimics, called the real
+    stroke and MS brains FCD, which it had called control. A copy joins only the training set of its
+    participant's fold, so no participant is validated on a copy of itself trained on.
+    """
+    from bids_fcd.lesions import tissue_probabilities
+    from bids_fcd.mimics import MIMIC_KINDS, mimic_copy
+    from bids_fcd.synth import template_tissue_maps
+
+    if fraction <= 0 or not {"T1w", "FLAIR"} <= set(channels):
+        return {}
+    t1w_channel, flair_channel = channels.index("T1w"), channels.index("FLAIR")
+    eligible = [int(i) for i in indices if samples[i].label == 0 or samples[i].lesion is not None]
+    chosen = np.random.default_rng([seed, 31]).permutation(eligible)[:round(fraction * len(eligible))]
+    template_gm, template_wm, _ = template_tissue_maps(grid)
+    copies = {}
+    for order, index in enumerate(sorted(int(i) for i in chosen)):
+        sample = samples[index]
+        t1w, flair = sample.image[t1w_channel], sample.image[flair_channel]
+        gm, wm = tissue_probabilities(t1w, sample.brain_mask, template_gm, template_wm, grid.spacing_mm)
+        image = sample.image.copy()
+        image[t1w_channel], image[flair_channel] = mimic_copy(
+            np.random.default_rng([seed, 31, index]), t1w, flair, sample.brain_mask, sample.lesion, gm, wm,
+            grid.spacing_mm, MIMIC_KINDS[order % len(MIMIC_KINDS)])
+        copies[index] = Sample(sample.unit, image, sample.brain_mask, sample.lesion, sample.site)
+    return copies
+
+
+def with_copies(samples: list[Sample], indices: np.ndarray, copies: dict[int, Sample]) -> list[Sample]:
+    """The samples at `indices`, then the mimic copies of those of them that have one."""
+    return [samples[i] for i in indices] + [copies[i] for i in indices if i in copies]
+
+
 # --- splits -------------------------------------------------------------------------------------------------
 
 

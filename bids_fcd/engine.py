@@ -83,6 +83,9 @@ class TrainOptions:
     # at lr 1e-3 Dice 0.49, AUROC 1.0).
     voxel_loss_weight: float = 10.0
     pretrain_epochs: int = 0
+    # share of the training participants that also train as a copy with a non-FCD mimic (`data.mimic_copies`,
+    # made before `fit`); here so that resume and the model's record see it
+    mimic_fraction: float = 0.0
     seed: int = 0
     n_workers: int = 0  # DataLoader worker processes (CPU augmentation runs in them)
 

@@ -26,8 +26,10 @@ import numpy as np
 from scipy import ndimage
 
 from bids_fcd.lesions import enclosed_csf, random_rotation
+from bids_fcd.preprocess import normalise_intensity
 
 MIMIC_KINDS = ("plaques", "infarct", "tumour")
+MIMIC_CLEARANCE_MM = 10.0  # a mimic stays this far from an FCD lesion, so no voxel is both
 PLAQUE_RADIUS_MM = (1.5, 5.0)
 PLAQUES_PER_BRAIN = (3, 15)
 PLAQUE_T1_DROP = (0.0, 0.45)  # fraction of the white matter-CSF T1w range: isointense .. black hole
@@ -64,6 +66,29 @@ def implant_mimic(
     t1_change, flair_change, mask = implant(rng, gm_prob, wm_prob, spacing_mm, levels, free)
     return ((np.asarray(t1w, dtype=np.float32) + t1_change).astype(np.float32),
             (np.asarray(flair, dtype=np.float32) + flair_change).astype(np.float32), mask.astype(np.uint8))
+
+
+def mimic_copy(
+    rng: np.random.Generator,
+    t1w: np.ndarray,
+    flair: np.ndarray,
+    brain: np.ndarray,
+    lesion: np.ndarray | None,
+    gm_prob: np.ndarray,
+    wm_prob: np.ndarray,
+    spacing_mm: float,
+    kind: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised (t1w, flair) of a preprocessed brain with one non-FCD lesion of `kind` inside `brain` and
+    MIMIC_CLEARANCE_MM clear of its FCD `lesion` (None: no lesion), renormalised as the pipeline would (a large
+    FLAIR-bright mimic moves the brain's intensity percentiles). The lesion target is unchanged: mimic voxels are
+    not FCD."""
+    brain = brain.astype(bool)
+    avoid = ~brain
+    if lesion is not None:
+        avoid |= ndimage.binary_dilation(lesion > 0, iterations=round(MIMIC_CLEARANCE_MM / spacing_mm))
+    t1w, flair, _ = implant_mimic(rng, t1w, flair, gm_prob, wm_prob, spacing_mm, kind, avoid=avoid)
+    return normalise_intensity(t1w, brain), normalise_intensity(flair, brain)
 
 
 class _Levels:

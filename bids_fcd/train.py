@@ -34,7 +34,15 @@ import torch
 
 from bids_fcd import __version__, exit_codes
 from bids_fcd.config import ModelConfig
-from bids_fcd.data import Sample, SplitPlan, plan_splits, prepare_samples, sample_seed
+from bids_fcd.data import (
+    Sample,
+    SplitPlan,
+    mimic_copies,
+    plan_splits,
+    prepare_samples,
+    sample_seed,
+    with_copies,
+)
 from bids_fcd.derivatives import atomic_path, write_json
 from bids_fcd.engine import (
     DistContext,
@@ -64,7 +72,8 @@ def training_options(args: argparse.Namespace, fine_tune: bool) -> TrainOptions:
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate or default_rate,
         grad_accum_steps=args.grad_accum_steps, patience=args.patience,
         mixed_precision=args.mixed_precision, deterministic=args.deterministic,
-        augmentation=args.augmentation, pretrain_epochs=args.pretrain_epochs or 0, seed=args.seed,
+        augmentation=args.augmentation, pretrain_epochs=args.pretrain_epochs or 0,
+        mimic_fraction=args.mimic_fraction, seed=args.seed,
         n_workers=min(4, args.n_cpus // 2),
     )
 
@@ -301,14 +310,20 @@ def _group_level(args: argparse.Namespace, units: list[Participant], label_spec:
              len(samples), sum(s.label for s in samples), sum(1 - s.label for s in samples), plan.n_folds,
              f", {len(plan.test_indices)} in the test set" if plan.test_honoured else "", len(failed))
 
+    copies = mimic_copies(samples, plan.cv_indices, options.mimic_fraction, args.seed, grid, config.channels)
+    if copies:
+        log.info("non-FCD mimics: %d participant(s) also train as a copy with an MS-like, infarct or glioma "
+                 "lesion (--mimic_fraction %.2g), in their own fold's training set only", len(copies),
+                 options.mimic_fraction)
     results: list[FitResult] = []
     for k in range(plan.n_folds):
         train_idx, val_idx = plan.fold_indices(k)
-        _, result = train_one(config, state, [samples[i] for i in train_idx], [samples[i] for i in val_idx],
+        _, result = train_one(config, state, with_copies(samples, train_idx, copies), [samples[i] for i in val_idx],
                               options, group_dir / f"fold-{k}", k, dist)
         results.append(result)
-    final_model, final = final_network(args.final_model, config, state, samples, plan, results, options,
-                                       group_dir, dist)
+    final_model, final = final_network(args.final_model, config, state, with_copies(samples, plan.cv_indices,
+                                                                                    copies),
+                                       plan, results, options, group_dir, dist)
     if not dist.is_main:
         return exit_codes.EXIT_OK
 
@@ -326,10 +341,11 @@ class FinalModel:
     ensemble_size: int
 
 
-def final_network(kind: str, config: ModelConfig, state: dict | None, samples: list[Sample], plan: SplitPlan,
-                  folds: list[FitResult], options: TrainOptions, group_dir: Path,
+def final_network(kind: str, config: ModelConfig, state: dict | None, refit_samples: list[Sample],
+                  plan: SplitPlan, folds: list[FitResult], options: TrainOptions, group_dir: Path,
                   dist: DistContext) -> tuple[torch.nn.Module, FinalModel]:
-    """The model written as group/model.pt: a refit on every cross-validation unit, or the folds' ensemble."""
+    """The model written as group/model.pt: a refit on `refit_samples` (every cross-validation unit and their
+    mimic copies), or the folds' ensemble."""
     from bids_fcd.models import ensemble_of
 
     if kind == "fold_ensemble":
@@ -341,8 +357,8 @@ def final_network(kind: str, config: ModelConfig, state: dict | None, samples: l
     epochs = max(1, round(float(np.median([r.best_epoch for r in folds]))))
     log.info("final model: refit on %d unit(s) for %d epoch(s) (median best epoch of the folds)",
              len(plan.cv_indices), epochs)
-    model, result = train_one(config, state, [samples[i] for i in plan.cv_indices], [], options,
-                              group_dir / "final", plan.n_folds, dist, epochs=epochs)
+    model, result = train_one(config, state, refit_samples, [], options, group_dir / "final", plan.n_folds, dist,
+                              epochs=epochs)
     return model, FinalModel(f"refit on all {len(plan.cv_indices)} cross-validation units for {epochs} epochs "
                              "(median best epoch of the folds)", result.history, 1)
 

@@ -52,6 +52,8 @@ def expected_input(action: argparse.Action) -> dict:
             expected.update({"minimum": 0, "maximum": 2**32 - 1})
     elif action.type is float:
         expected["type"] = "Number"
+    elif action.type is cli.fraction:
+        expected.update({"type": "Number", "minimum": 0, "maximum": 1})
     elif action.type is not Path:
         expected["type"] = "String"
     if action.nargs in ("+", "*"):

@@ -10,7 +10,7 @@ import torch
 
 from bids_fcd import data
 from bids_fcd.inputs import Participant
-from tests.group_factory import one_torch_thread, tiny_samples
+from tests.group_factory import TINY_GRID, one_torch_thread, tiny_samples
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 
@@ -219,3 +219,28 @@ def test_resident_batches_equal_the_dataset_items():
     items = [data.VolumeDataset(samples)[(i, 0)] for i in (2, 0)]
     for key in ("image", "brain_mask", "lesion", "label", "voxel_target", "has_lesion"):
         assert torch.equal(resident[key], torch.stack([item[key] for item in items])), key
+
+
+def test_mimic_copies_change_the_brain_of_controls_and_lesion_masked_patients_only():
+    samples = tiny_samples(8)
+    samples[3] = data.Sample(samples[3].unit, samples[3].image, samples[3].brain_mask, None, samples[3].site)
+    eligible = [i for i, s in enumerate(samples) if s.label == 0 or s.lesion is not None]
+    copies = data.mimic_copies(samples, np.arange(8), 1.0, 0, TINY_GRID, ("T1w", "FLAIR"))
+    assert sorted(copies) == eligible and 3 not in copies  # a patient whose lesion is unknown: nowhere safe
+    for index, copy in copies.items():
+        original = samples[index]
+        assert copy.unit is original.unit and copy.lesion is original.lesion and copy.site == original.site
+        assert not np.array_equal(copy.image, original.image), index
+        assert np.array_equal(copy.image[:, ~original.brain_mask], original.image[:, ~original.brain_mask])
+    again = data.mimic_copies(samples, np.arange(8), 1.0, 0, TINY_GRID, ("T1w", "FLAIR"))
+    assert all(np.array_equal(again[i].image, copies[i].image) for i in copies)
+    half = data.mimic_copies(samples, np.arange(8), 0.5, 0, TINY_GRID, ("T1w", "FLAIR"))
+    assert len(half) == round(0.5 * len(eligible)) and set(half) <= set(eligible)
+    assert data.mimic_copies(samples, np.arange(8), 0.0, 0, TINY_GRID, ("T1w", "FLAIR")) == {}
+    assert data.mimic_copies(samples, np.arange(8), 1.0, 0, TINY_GRID, ("T1w",)) == {}
+
+
+def test_with_copies_adds_the_copies_of_the_chosen_samples_only():
+    samples = make_samples([0, 1, 0, 1])
+    copies = {1: samples[1], 2: samples[2]}
+    assert data.with_copies(samples, np.array([0, 1, 3]), copies) == [samples[0], samples[1], samples[3], samples[1]]

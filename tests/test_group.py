@@ -374,6 +374,33 @@ def test_a_rerun_that_fails_in_training_leaves_no_earlier_finished_outputs(tmp_p
     assert not [name for name in train.FINISHED_OUTPUTS if (group / name).exists()]
 
 
+@pytest.mark.parametrize("fraction", ["0.5", "0"])
+def test_mimic_copies_train_only_in_their_own_participants_folds(tmp_path, starting_model, monkeypatch, fraction):
+    from bids_fcd import train
+
+    trained = {}  # fold id -> (training participants with repeats, validation participants)
+
+    def recording_train_one(config, state, train_samples, val_samples, options, out_dir, fold_id, dist, **kw):
+        trained[fold_id] = ([s.participant_id for s in train_samples], [s.participant_id for s in val_samples])
+        return real_train_one(config, state, train_samples, val_samples, options, out_dir, fold_id, dist, **kw)
+
+    real_train_one = train.train_one
+    monkeypatch.setattr(train, "train_one", recording_train_one)
+    bids = write_tiny_bids(tmp_path / "bids", 8)
+    out = tmp_path / "out"
+    assert run_group(bids, out, starting_model, "--epochs", "1", "--mimic_fraction", fraction) == 0
+    folds = pd.read_csv(out / "group" / "folds.tsv", sep="\t", dtype=str)
+    cv = folds[folds["fold"] != "test"]
+    n_copies = 0
+    for fold_id, (train_ids, val_ids) in trained.items():
+        in_fold = set(cv["participant_id"]) if fold_id == max(trained) else set(cv[cv["fold"] != str(fold_id)]["participant_id"])
+        assert set(train_ids) == in_fold and not set(val_ids) & set(train_ids), fold_id  # copies of their own only
+        n_copies += len(train_ids) - len(set(train_ids))
+    assert (n_copies > 0) == (fraction == "0.5")
+    _, config = load_checkpoint(out / "group" / "model.pt")
+    assert config.training["options"]["mimic_fraction"] == float(fraction)
+
+
 def test_pretrain_epochs_pretrains_each_folds_encoder(tmp_path, starting_model):
     bids = write_tiny_bids(tmp_path / "bids", 6)
     out = tmp_path / "out"

@@ -63,9 +63,9 @@ from bids_fcd.evaluate import THRESHOLD_RULE, VOXEL_THRESHOLD_RULE, choose_voxel
 from bids_fcd.infer import predict
 from bids_fcd.inputs import Participant, discover
 from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
-from bids_fcd.mimics import MIMIC_KINDS, implant_mimic
+from bids_fcd.mimics import MIMIC_KINDS, mimic_copy
 from bids_fcd.models import build_model, ensemble_of, load_checkpoint, save_checkpoint
-from bids_fcd.preprocess import NORMALISED_RANGE, normalise_intensity
+from bids_fcd.preprocess import NORMALISED_RANGE
 from bids_fcd.synth import make_cohort, neocortical_territory, synth_template_sample, template_tissue_maps
 from bids_fcd.template import model_grid
 
@@ -80,7 +80,6 @@ REALISM_STREAM = 4  # phase 4 draws from default_rng([--seed, REALISM_STREAM]): 
 # brains' at 0.48 and 0.68 (real FLAIR has a bright tail that sets the 99th percentile). Phase 4 rescales each
 # synthetic FLAIR to a median drawn in this range.
 FLAIR_MEDIAN_RANGE = (0.45, 0.85)
-MIMIC_CLEARANCE_MM = 10.0  # a mimic stays this far from an FCD lesion, so no voxel is both
 
 
 class Volume:
@@ -131,10 +130,8 @@ def with_mimic(volume: Volume, rng: np.random.Generator, gm: np.ndarray, wm: np.
                kind: str) -> Volume:
     """A copy of `volume` with one non-FCD lesion of `kind` clear of its FCD lesion, renormalised as the
     pipeline would (a large FLAIR-bright mimic moves the brain's intensity percentiles); same labels."""
-    clearance = ndimage.binary_dilation(volume.lesion > 0, iterations=round(MIMIC_CLEARANCE_MM / spacing_mm))
-    t1w, flair, _ = implant_mimic(rng, volume.image[0], volume.image[1], gm, wm, spacing_mm, kind,
-                                  avoid=clearance | ~volume.brain)
-    image = np.stack([normalise_intensity(t1w, volume.brain), normalise_intensity(flair, volume.brain)])
+    image = np.stack(mimic_copy(rng, volume.image[0], volume.image[1], volume.brain, volume.lesion, gm, wm,
+                                spacing_mm, kind))
     return Volume(image, volume.brain, volume.lesion, volume.label, f"{volume.origin}+{kind}")
 
 
