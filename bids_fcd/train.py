@@ -315,6 +315,10 @@ def _group_level(args: argparse.Namespace, units: list[Participant], label_spec:
         log.info("non-FCD mimics: %d participant(s) also train as a copy with an MS-like, infarct or glioma "
                  "lesion (--mimic_fraction %.2g), in their own fold's training set only", len(copies),
                  options.mimic_fraction)
+    elif options.mimic_fraction > 0:
+        log.warning("non-FCD mimics: none made (--mimic_fraction %.2g): they need T1w and FLAIR channels (the "
+                    "model has %s) and controls or patients with a lesion mask", options.mimic_fraction,
+                    ", ".join(config.channels))
     results: list[FitResult] = []
     for k in range(plan.n_folds):
         train_idx, val_idx = plan.fold_indices(k)
@@ -328,7 +332,7 @@ def _group_level(args: argparse.Namespace, units: list[Participant], label_spec:
         return exit_codes.EXIT_OK
 
     finish_group(GroupRun(args, label_spec, config, samples, plan, results, final, failed, options,
-                          dist.device), final_model)
+                          dist.device, len(copies)), final_model)
     return exit_codes.EXIT_PARTICIPANT_FAILED if failed else exit_codes.EXIT_OK
 
 
@@ -380,6 +384,7 @@ class GroupRun:
     failed: dict[str, tuple]
     options: TrainOptions
     device: torch.device
+    n_mimic_copies: int = 0
 
     @property
     def group_dir(self) -> Path:
@@ -527,6 +532,8 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
             "voxel_threshold": voxel_threshold, "voxel_threshold_rule": voxel_rule,
             "min_cluster_mm3": run.config.min_cluster_mm3, "n_bootstrap": N_BOOTSTRAP,
             "final_model": run.final.description,
+            "mimic_copies": f"{run.n_mimic_copies} cross-validation participant(s) also trained as a copy with a "
+                            f"non-FCD lesion (--mimic_fraction {run.options.mimic_fraction:g}), in their own fold only",
             "predictions": f"infer.predict with {args.n_passes} pass(es), as the participant level"},
         "cohort": {"n_units": len(samples), "n_participants": len({s.participant_id for s in samples}),
                    "n_fcd": int(run.labels.sum()), "n_control": int((run.labels == 0).sum()),

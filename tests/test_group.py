@@ -399,6 +399,9 @@ def test_mimic_copies_train_only_in_their_own_participants_folds(tmp_path, start
     assert (n_copies > 0) == (fraction == "0.5")
     _, config = load_checkpoint(out / "group" / "model.pt")
     assert config.training["options"]["mimic_fraction"] == float(fraction)
+    protocol = json.loads((out / "group" / "metrics.json").read_text())["protocol"]
+    assert protocol["mimic_copies"].startswith(f"{n_copies // 2} cross-validation participant")  # one fold and the refit hold each
+    assert protocol["mimic_copies"] in (out / "group" / "MODEL_CARD.md").read_text()
 
 
 def test_pretrain_epochs_pretrains_each_folds_encoder(tmp_path, starting_model):
