@@ -4,7 +4,7 @@
   participant-level preprocessing, in parallel processes, for those not cached yet) and maps its lesion mask
   to the model grid. Arrays are held in memory: a (2, 112, 128, 112) float32 volume is 13 MB, ds004199 ~3 GB.
 - `mimic_copies` makes, for a share of the cross-validation participants, a copy with a non-FCD lesion (MS-like
-  plaques, infarct, glioma) that trains beside the original in its fold, labels unchanged (another ~6 MB each).
+  plaques, infarct, glioma) that trains beside the original in its fold, labels unchanged (another 13 MB each).
 - `plan_splits` makes subject-level stratified folds (by label and site/acquisition), keeps a participant's
   sessions together, and honours participants.tsv's `split` when its test part holds both classes.
 - Augmentation comes in two forms. On the CPU, TorchIO per volume in the DataLoader workers
