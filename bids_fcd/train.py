@@ -325,9 +325,9 @@ def _group_level(args: argparse.Namespace, units: list[Participant], label_spec:
         _, result = train_one(config, state, with_copies(samples, train_idx, copies), [samples[i] for i in val_idx],
                               options, group_dir / f"fold-{k}", k, dist)
         results.append(result)
-    final_model, final = final_network(args.final_model, config, state, with_copies(samples, plan.cv_indices,
-                                                                                    copies),
-                                       plan, results, options, group_dir, dist)
+    refit_samples = with_copies(samples, plan.cv_indices, copies)
+    final_model, final = final_network(args.final_model, config, state, refit_samples, plan, results, options,
+                                       group_dir, dist)
     if not dist.is_main:
         return exit_codes.EXIT_OK
 
