@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     record = {"group_run": str(args.output_dir), "n_test": len(units), "n_fcd": int(sum(labels)),
               "group_thresholds": [config.subject_threshold, config.voxel_threshold],
               "shipped_thresholds": [shipped_config.subject_threshold, shipped_config.voxel_threshold],
-              "models": result, "ensemble_minus_refit": ensemble_gain, "machine": {"platform": platform.platform(), "cpus": args.n_cpus, "device": args.device,
-                                            "torch": torch.__version__}}
+              "models": result, "ensemble_minus_refit": ensemble_gain,
+              "machine": {"platform": platform.platform(), "cpus": args.n_cpus, "device": args.device,
+                          "torch": torch.__version__}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"{'model':<30} AUROC  sens  spec  detect  Dice  FP/control")

@@ -397,7 +397,7 @@ or scanners unlike the training data.
   Test set: {protocol['test_set'] or 'none (see warnings)'}.
 - Options: `{config.training['options']}`.
 - Final model: {protocol['final_model']}.
-- Non-FCD lesion mimics: {protocol.get('mimic_copies', 'none')}.
+- Non-FCD lesion mimics: {protocol['mimic_copies']}.
 - Subject threshold: {protocol['threshold_rule']}. Voxel threshold: {protocol['voxel_threshold_rule']}.
 
 ## Evaluation (95% bootstrap confidence intervals)
