@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.n_cpus)
     started = time.time()
-    _, config = load_checkpoint(SHIPPED)
-    state = torch.load(SHIPPED, weights_only=True)["state_dict"]
+    shipped, config = load_checkpoint(SHIPPED)
+    state = shipped.state_dict()
     grid = model_grid(config.grid_spacing_mm, config.grid_shape)
     units = [u for u in discover(args.bids_dir) if u.split in ("train", None)]
     samples, failed = prepare_samples(units, args.output_dir / "cache", grid, config.channels, args.n_cpus)

@@ -17,9 +17,7 @@ seed="${SEED:-11}"
 work="${WORK:-/tmp/group_cohort}"
 mkdir -p "$out"
 if [ "$device" = cuda ]; then
-  [ -d .devsite/SimpleITK ] || { echo "SimpleITK is not in .devsite: run run_checks.sh part1 first" >&2; exit 3; }
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .devsite \
-    .devkit/part2/*.whl || exit 1
+  bash tools/device/run_checks.sh part2 || exit $?
   export PYTHONPATH="$PWD/.devsite:$PWD"
 fi
 export PYTHONUNBUFFERED=1

@@ -7,8 +7,9 @@
 # test-time passes on CUDA, fp32 vs bf16), train.json (bare step vs the pipeline with batched GPU augmentation:
 # issue 5's >= 80 % target), participant.json (the whole participant level with preprocessing on the GPU
 # machine: issue 4's <= 15 s target) and checks.log (every step's output, the CUDA test's too). DEVICE=cpu and
-# PYTHON=... run it anywhere, as a dry run. Ran on an H200 on 2026-12-04: part 1 took 31 s of device time (the
-# machine's start), the checks 153 s; the output is in benchmarks/results/h200/.
+# PYTHON=... run it anywhere, as a dry run. `part2` alone installs the second part (group_cohort.sh uses it).
+# Ran on an H200 on 2026-12-04: part 1 took 31 s of device time (the machine's start), the checks 153 s; the
+# output is in benchmarks/results/h200/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 python="${PYTHON:-python3}"
@@ -18,18 +19,21 @@ mkdir -p "$out"
 install() {
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .devsite "$@"
 }
+install_part2() {  # exit code 3: part 1 is not here (a fresh machine), 1: the install failed
+  if [ ! -d .devsite/SimpleITK ]; then
+    echo "SimpleITK is not in .devsite: this is a fresh machine (part 1 ran on one given back); run part 1 again" >&2
+    return 3
+  fi
+  install .devkit/part2/*.whl || return 1
+}
 case "${1:-}" in
   part1)
     install .devkit/part1/*.whl && echo "part 1 installed in .devsite; run part 2 now, before the machine goes back"
     exit $? ;;
-  checks) ;;
-  *) echo "usage: run_checks.sh part1|checks" >&2; exit 64 ;;
+  part2) install_part2; exit $? ;;  # alone: for another script's run (tools/device/group_cohort.sh)
+  checks) install_part2 || exit $? ;;
+  *) echo "usage: run_checks.sh part1|part2|checks" >&2; exit 64 ;;
 esac
-if [ ! -d .devsite/SimpleITK ]; then
-  echo "SimpleITK is not in .devsite: this is a fresh machine (part 1 ran on one given back); run part 1 again" >&2
-  exit 3
-fi
-install .devkit/part2/*.whl || exit 1
 export PYTHONPATH="$PWD/.devsite:$PWD" PYTHONUNBUFFERED=1
 failed=0
 step() {  # step NAME SECONDS COMMAND...: run, log, note a failure and go on
