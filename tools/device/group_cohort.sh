@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 5's larger-cohort check on the lent GPU machine: a synthetic cohort (`bids_fcd synth`, its `test` split
 # held out), the group level on CUDA, and benchmarks/group_test_split.py on the result. Run after part 1 of
-# run_checks.sh, in the next device call (the machine keeps .devsite/ for ~30 s):
-#   run(command="bash tools/device/group_cohort.sh", carry=[".devkit/part2"], timeout_s=...)
+# run_checks.sh, in the next device call (the machine keeps .devsite/ for ~30 s), through detached.sh when it may
+# outlast one call (a rerun skips the cohort once written and the group level resumes its folds):
+#   run(command="N=240 bash tools/device/detached.sh cohort 560 bash tools/device/group_cohort.sh",
+#       carry=[".devkit/part2"], timeout_s=590)
 # N (participants, default 160), SEED (11), GROUP_ARGS (extra group options), DEVICE (cuda), PYTHON (python3)
 # and OUT (work/group_cohort) set it; DEVICE=cpu N=8 GROUP_ARGS="--n_folds 2 --epochs 1" is a dry run anywhere.
 # Writes to $OUT: log.txt (every step with its time), group.tar.gz (group/ without its resume checkpoints) and
@@ -14,14 +16,14 @@ device="${DEVICE:-cuda}"
 out="${OUT:-work/group_cohort}"
 n="${N:-160}"
 seed="${SEED:-11}"
-work="${WORK:-/tmp/group_cohort}"
+work="${WORK:-work/group_cohort_run}"
 mkdir -p "$out"
 if [ "$device" = cuda ]; then
   bash tools/device/run_checks.sh part2 || exit $?
   export PYTHONPATH="$PWD/.devsite:$PWD"
 fi
 export PYTHONUNBUFFERED=1
-rm -rf "$work" && mkdir -p "$work"
+mkdir -p "$work"
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log output and wall time
   local name=$1 seconds=$2; shift 2
   local start=$SECONDS
@@ -32,12 +34,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log output and 
   return $code
 }
 cpus=$(nproc)
-step synth 120 "$python" -m bids_fcd.synth "$work/bids" --n "$n" --seed "$seed" --n_cpus "$cpus" || exit 1
+if [ ! -f "$work/synth.done" ]; then
+  rm -rf "$work/bids"
+  step synth 300 "$python" -m bids_fcd.synth "$work/bids" --n "$n" --seed "$seed" --n_cpus "$cpus" || exit 1
+  touch "$work/synth.done"
+fi
 # shellcheck disable=SC2086  # GROUP_ARGS is a list of options
-step group 380 "$python" run.py "$work/bids" "$work/out" group --device "$device" --n_cpus "$cpus" \
+step group 1200 "$python" run.py "$work/bids" "$work/out" group --device "$device" --n_cpus "$cpus" \
   --skip_bids_validator --embedding pca --n_folds 3 --epochs 20 --patience 6 ${GROUP_ARGS:-}
 group_code=$?
 tar -czf "$out/group.tar.gz" -C "$work/out" --exclude checkpoint_latest.pt group 2>>"$out/log.txt"
 [ "$group_code" -eq 0 ] || exit 1
-step test_split 90 "$python" benchmarks/group_test_split.py "$work/bids" "$work/out" --device "$device" \
+step test_split 300 "$python" benchmarks/group_test_split.py "$work/bids" "$work/out" --device "$device" \
   --n_cpus "$cpus" --out "$out/group_test_split.json"
