@@ -8,7 +8,11 @@
 # N (participants, default 160), SEED (11), GROUP_ARGS (extra group options), DEVICE (cuda), PYTHON (python3)
 # and OUT (work/group_cohort) set it; DEVICE=cpu N=8 GROUP_ARGS="--n_folds 2 --epochs 1" is a dry run anywhere.
 # Writes to $OUT: log.txt (every step with its time), group.tar.gz (group/ without its resume checkpoints) and
-# group_test_split.json.
+# group_test_split.json. Measured on an H200 (2026-12-04): N=160 took 430 s; N=240 with --epochs 30 --patience 8
+# needed ~15 min (synth 101 s, preprocessing 362 s, folds 156 s, refit 31 s, thresholds 70 s), more than one
+# session's device time after the start: it ran out after the thresholds. Then fetch group/*/ (the checkpoints) in
+# a last call and rerun the same group command on any machine with the cohort written again (same N and SEED): the
+# folds and the refit resume from the checkpoints and only the evaluation runs there.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 python="${PYTHON:-python3}"
