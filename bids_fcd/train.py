@@ -8,7 +8,8 @@ Final model (`--final_model`): `refit` (default) retrains one network on all cro
 the median of the folds' best epochs (ClinicaDL practice); `fold_ensemble` joins the folds' best networks into
 one `FCDEnsemble` that averages their logits (nnU-Net practice: no retraining, and averaging networks trained
 apart cancels part of their run-to-run variance). Either is one checkpoint that `participant --model
-OUTPUT_DIR/group/model.pt` reads. The fold models stay in `group/fold-<k>/checkpoint_best.pt`; the thresholds
+OUTPUT_DIR/group/model.pt` reads. The fold models stay in `group/fold-<k>/checkpoint_best.pt` (labelled with the
+group model's name, version and thresholds, so each can be run the same way); the thresholds
 stored with the final model are chosen on the fold models' out-of-fold predictions (`evaluate.THRESHOLD_RULE`,
 `evaluate.VOXEL_THRESHOLD_RULE`), made exactly as the participant level makes them (`infer.predict`, same
 `--n_passes`): for the ensemble too, whose mean logit is on the scale of its members'.
@@ -571,6 +572,7 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
         model_version=f"{__version__}+group.{date.today().isoformat()}",
         training=training_record(run, metrics, subject_threshold), versions=package_versions())
     save_checkpoint(final_model.cpu(), final_config, run.group_dir / "model.pt")
+    relabel_fold_checkpoints(run.group_dir, plan.n_folds, final_config)
     summary = GroupSummary(config=final_config, metrics=metrics, predictions=frame,
                            fold_histories=[r.history for r in run.folds], final_history=run.final.history,
                            cohort=cohort_table(samples, plan), audit=report)
@@ -578,6 +580,18 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
     write_report(run.group_dir, summary)
     log.info("group level: wrote %s (model.pt, model.json, folds.tsv, predictions.tsv, metrics.json, "
              "MODEL_CARD.md, report.html)", run.group_dir)
+
+
+def relabel_fold_checkpoints(group_dir: Path, n_folds: int, final_config: ModelConfig) -> None:
+    """Give each fold's best checkpoint the group model's name, version, thresholds and package versions, keeping
+    its own fold record: written during training, it still carried the starting model's (a fine-tune's fold model,
+    run with `participant --model`, called itself the shipped model and cut at the shipped thresholds)."""
+    from bids_fcd.models import load_checkpoint, save_checkpoint
+
+    for k in range(n_folds):
+        path = group_dir / f"fold-{k}" / "checkpoint_best.pt"
+        model, config = load_checkpoint(path)
+        save_checkpoint(model, final_config.updated(ensemble_size=1, training=config.training), path)
 
 
 def training_record(run: GroupRun, metrics: dict, subject_threshold: float) -> dict:

@@ -100,6 +100,18 @@ def test_model_is_a_weights_only_checkpoint_with_the_chosen_thresholds(group_run
     assert outputs["voxel_logits"].shape == (1, 1, *TINY_CONFIG.grid_shape)
 
 
+def test_fold_models_carry_the_group_thresholds_and_their_own_fold(group_run):
+    _, out, _ = group_run
+    _, group_config = load_checkpoint(out / "group" / "model.pt")
+    for k in range(2):
+        _, config = load_checkpoint(out / "group" / f"fold-{k}" / "checkpoint_best.pt")
+        assert (config.name, config.model_version) == (group_config.name, group_config.model_version)
+        assert (config.subject_threshold, config.voxel_threshold) == (group_config.subject_threshold,
+                                                                      group_config.voxel_threshold)
+        assert config.versions == group_config.versions and config.ensemble_size == 1
+        assert config.training["fold"] == k and config.training["epoch"] >= 1
+
+
 def test_voxel_threshold_keeps_out_of_fold_false_positives_in_bound(group_run):
     _, out, _ = group_run
     metrics = json.loads((out / "group" / "metrics.json").read_text())
