@@ -4,17 +4,18 @@
 #   run(command="bash tools/device/detached.sh cohort 560 bash tools/device/group_cohort.sh", ...)
 # then, if it printed "still running", at once (the machine goes back after ~30 s idle):
 #   run(command="bash tools/device/detached.sh cohort 560", ...)
-# Its state is in work/detached/NAME.{log,pid,rc} (git-ignored, kept while the machine is warm). At the end it
-# copies RESULTS (a folder, default work/group_cohort) into $OUT (the script itself runs without OUT, which each
-# call empties). Exit code: the script's, or 75 while it runs.
+# Its state is in work/detached/NAME.{log,pid,rc} (git-ignored, kept while the machine is warm; DETACHED_DIR
+# moves it). At the end it copies RESULTS (a folder, default work/group_cohort) into $OUT (the script itself runs
+# without OUT, which each call empties). Exit code: the script's, or 75 while it runs.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 name=$1 wait_s=$2; shift 2
-state=work/detached/$name
-mkdir -p work/detached
+state_dir=${DETACHED_DIR:-work/detached}
+state=$state_dir/$name
+mkdir -p "$state_dir"
 if [ ! -f "$state.rc" ] && ! { [ -f "$state.pid" ] && kill -0 "$(cat "$state.pid")" 2>/dev/null; }; then
   [ $# -gt 0 ] || { echo "detached.sh: $name was never started; give the command" >&2; exit 64; }
-  setsid env -u OUT bash -c '"$@"; echo $? > "'"$state"'.rc"' _ "$@" > "$state.log" 2>&1 < /dev/null &
+  setsid env -u OUT bash -c '"${@:2}"; echo $? > "$1.rc"' _ "$state" "$@" > "$state.log" 2>&1 < /dev/null &
   echo $! > "$state.pid"
   echo "started $name (pid $!): $*"
 fi
