@@ -259,6 +259,8 @@ def phases_from(training: dict) -> str:
 def model_card(result: dict, config) -> str:
     """The shipped model's card: what it is, how it was trained, what it was measured to do, and its limits."""
     training = config.training
+    device = training.get("device", "cpu")  # the shipped weights predate the record: trained on this CPU
+    trained_on = "2-core CPU machine it was trained on" if device == "cpu" else f"machine it was trained on ({device})"
     non_fcd = "\n".join(f"| {case} | {r['fcd_probability']:.3f} | {r['called']} | {r['candidate_clusters']} |"
                          for case, r in result["real_non_fcd_brains"].items())
     return f"""# Model card: {config.name} {config.model_version}
@@ -286,7 +288,7 @@ on real non-FCD brains; none on patients with FCD. Retrain or fine-tune on your 
   then {training.get("phase_4", "none")}.{phases_from(training)}
 - Thresholds: {training.get("threshold_rule", "")}.
 - Reproduce: `{training.get("command", "")}` ({training.get("epoch_seconds", "?")} s of training epochs on the
-  2-core CPU machine it was trained on, torch {config.versions.get("torch", "?")}; it resumes from its work folder
+  {trained_on}, torch {config.versions.get("torch", "?")}; it resumes from its work folder
   after an interruption).
 
 ## Measured figures

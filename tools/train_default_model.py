@@ -60,7 +60,7 @@ from bids_fcd.config import DEFAULT_N_PASSES, ModelConfig
 from bids_fcd.data import Sample, prepare_samples
 from bids_fcd.engine import DistContext, TrainOptions, fit, state_digest
 from bids_fcd.evaluate import THRESHOLD_RULE, VOXEL_THRESHOLD_RULE, choose_voxel_threshold, youden_threshold
-from bids_fcd.infer import predict
+from bids_fcd.infer import predict, select_device
 from bids_fcd.inputs import Participant, discover
 from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
 from bids_fcd.mimics import MIMIC_KINDS, mimic_copy
@@ -240,15 +240,16 @@ def pipeline_volumes(work_dir: Path, name: str, grid, n: int, seed: int, n_proce
                    int(sample.unit.label), sample.unit.name) for sample in prepared]
 
 
-def predictions(model, config: ModelConfig, volumes: list[Volume], n_passes: int) -> list[tuple[Volume, object]]:
-    """Each volume with the model's prediction on the CPU."""
-    return [(v, predict(model, config, v.image, v.brain, torch.device("cpu"), n_passes=n_passes)) for v in volumes]
+def predictions(model, config: ModelConfig, volumes: list[Volume], n_passes: int,
+                device: torch.device) -> list[tuple[Volume, object]]:
+    """Each volume with the model's prediction on `device`."""
+    return [(v, predict(model, config, v.image, v.brain, device, n_passes=n_passes)) for v in volumes]
 
 
-def choose_thresholds(model, config: ModelConfig, volumes: list[Volume]) -> dict:
+def choose_thresholds(model, config: ModelConfig, volumes: list[Volume], device: torch.device) -> dict:
     """Subject threshold (Youden's J) and voxel threshold (`VOXEL_THRESHOLD_RULE`) on maps made as the participant
     level makes them (`DEFAULT_N_PASSES` test-time passes)."""
-    results = predictions(model, config, volumes, DEFAULT_N_PASSES)
+    results = predictions(model, config, volumes, DEFAULT_N_PASSES, device)
     labels = np.array([v.label for v, _ in results])
     scores = np.array([p.fcd_probability for _, p in results])
     voxel_threshold = choose_voxel_threshold([p.prob_template for _, p in results], [v.lesion for v, _ in results],
@@ -257,9 +258,9 @@ def choose_thresholds(model, config: ModelConfig, volumes: list[Volume]) -> dict
             "calibration_auroc": float(roc_auc_score(labels, scores)), "n_calibration": len(results)}
 
 
-def validation_auroc(model, config: ModelConfig, volumes: list[Volume]) -> float:
+def validation_auroc(model, config: ModelConfig, volumes: list[Volume], device: torch.device) -> float:
     """Subject AUROC on the held-out template-grid volumes (what training early-stopped on: one pass)."""
-    results = predictions(model, config, volumes, n_passes=1)
+    results = predictions(model, config, volumes, 1, device)
     return float(roc_auc_score([v.label for v, _ in results], [p.fcd_probability for _, p in results]))
 
 
@@ -295,7 +296,7 @@ def save(model, config: ModelConfig, thresholds: dict, training: dict, out: Path
 def recalibrate(args: argparse.Namespace, grid) -> int:
     """Choose the thresholds of the model already in `--out` again (after a change of rule), without retraining."""
     model, config = load_checkpoint(args.out / "model.pt")
-    thresholds = choose_thresholds(model, config, calibration_volumes(args, grid))
+    thresholds = choose_thresholds(model, config, calibration_volumes(args, grid), select_device(args.device))
     # the full command with this --n_calibration gives these weights and thresholds: no weight depends on it
     command = re.sub(r"--n_calibration \d+", f"--n_calibration {args.n_calibration}", config.training["command"])
     save(model, config, thresholds, {**config.training, "command": command,
@@ -307,7 +308,7 @@ def join_ensemble(args: argparse.Namespace, grid) -> int:
     """The models at `--ensemble` (this command's, at other seeds) as one ensemble in `--out`, with thresholds
     chosen on the ensemble's own outputs for the calibration cohort of `--seed`."""
     model, config = ensemble_of(args.ensemble)
-    thresholds = choose_thresholds(model, config, calibration_volumes(args, grid))
+    thresholds = choose_thresholds(model, config, calibration_volumes(args, grid), select_device(args.device))
     members = " ".join(str(path) for path in args.ensemble)
     training = {**config.training,
                 "command": f"python tools/train_default_model.py --ensemble {members} --out bids_fcd/weights "
@@ -343,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--whole_epochs", type=int, default=8, help="phase 2: epochs on whole volumes")
     parser.add_argument("--n_threads", type=int, default=2,
                         help="torch's threads; also the processes preprocessing scans (one thread each)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                        help="where training and the threshold choice run (default cpu, on which the shipped weights "
+                             "were trained; cuda on a GPU machine)")
     parser.add_argument("--recalibrate", action="store_true",
                         help="only choose the thresholds of --out/model.pt again, on the calibration cohort")
     parser.add_argument("--ensemble", type=Path, nargs="+", metavar="MODEL",
@@ -378,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                            patience=args.epochs, augmentation="gpu", seed=args.seed)
     torch.manual_seed(args.seed)  # before the initial weights: torch seeds its global generator randomly per process
     model = build_model(config)
-    cpu = DistContext(device=torch.device("cpu"))
+    dist = DistContext(device=select_device(args.device))
     base = None  # with --finetune_from: the training record of the model phases 1-3 made
     if args.finetune_from:
         base_model, base_config = load_checkpoint(args.finetune_from)
@@ -389,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                                          spacing_mm=grid.spacing_mm)
         val_samples = to_patch_samples(validation_volumes, rng, n_random=1, prefix="val",
                                        spacing_mm=grid.spacing_mm)
-        patches = fit(model, config, train_samples, val_samples, options, args.work_dir / "fit", fold_id=0, dist=cpu)
+        patches = fit(model, config, train_samples, val_samples, options, args.work_dir / "fit", fold_id=0, dist=dist)
         model.load_state_dict(torch.load(patches.best_path, weights_only=True)["state_dict"])
         del train_samples, val_samples
 
@@ -410,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     if base is None:
         whole = fit(model, config, whole_volume_samples(train_volumes + real + train_mimics, "train"),
                     whole_volume_samples(validation_volumes, "val"), whole_options, args.work_dir / "fit_whole",
-                    fold_id=0, dist=cpu, start_digest=state_digest(model.state_dict()))
+                    fold_id=0, dist=dist, start_digest=state_digest(model.state_dict()))
         model.load_state_dict(torch.load(whole.best_path, weights_only=True)["state_dict"])
     # Phase 3: what preprocessing does to a scan (brain-mask edges, interpolation, residual bias, registration
     # error), which template-grid volumes never show; with a quarter of phase 2's volumes, so that the mimics and
@@ -424,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                                         warmup_epochs=1, patience=args.pipeline_epochs, augmentation="gpu",
                                         seed=args.seed)
         tuned = fit(model, config, whole_volume_samples(pipeline + (train_volumes + real + train_mimics)[::4], "train"),
-                    [], pipeline_options, args.work_dir / "fit_pipeline", fold_id=0, dist=cpu,
+                    [], pipeline_options, args.work_dir / "fit_pipeline", fold_id=0, dist=dist,
                     start_digest=state_digest(model.state_dict()))
     # Phase 4: real-like FLAIR levels and the current mimics (T1-isointense plaques among them), on the pipeline
     # participants, fresh synthetic volumes and the real brains; fixed short schedule as in phase 3.
@@ -434,11 +438,11 @@ def main(argv: list[str] | None = None) -> int:
                                        warmup_epochs=1, patience=args.realism_epochs, augmentation="gpu",
                                        seed=args.seed)
         realism = fit(model, config, whole_volume_samples(realism_volumes(args, grid, pipeline), "train"), [],
-                      realism_options, realism_dir, fold_id=0, dist=cpu, start_digest=state_digest(model.state_dict()))
+                      realism_options, realism_dir, fold_id=0, dist=dist, start_digest=state_digest(model.state_dict()))
     model.eval()
 
-    thresholds = {"validation_auroc": validation_auroc(model, config, validation_volumes),
-                  **choose_thresholds(model, config, calibration_volumes(args, grid))}
+    thresholds = {"validation_auroc": validation_auroc(model, config, validation_volumes, dist.device),
+                  **choose_thresholds(model, config, calibration_volumes(args, grid), dist.device)}
     training = {
         "data": "simulated FCD-like lesions only: synthetic volumes from nilearn's MNI152 2009a template anatomy "
                 f"({args.n_synthetic}, half with a lesion, half of the controls with non-FCD white-matter "
@@ -467,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
                    f"--n_realism {args.n_realism} --realism_epochs {args.realism_epochs} "
                    f"--n_calibration {args.n_calibration} "
                    f"--epochs {args.epochs} "
-                   f"--whole_epochs {args.whole_epochs}",
+                   f"--whole_epochs {args.whole_epochs}"
+                   + (f" --device {dist.device.type}" if dist.device.type != "cpu" else ""),
+        "device": str(dist.device),
         "voxel_loss_weight": options.voxel_loss_weight,
         "threshold_rule": threshold_rule(args.n_calibration, args.seed),
         "epoch_seconds": ((base["epoch_seconds"] if base else epoch_seconds(patches, whole, *([tuned] if pipeline else [])))
