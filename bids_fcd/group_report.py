@@ -42,6 +42,15 @@ class GroupSummary:
     audit: AuditReport
 
 
+def _threshold_spread(protocol: dict) -> str:
+    """The subject threshold's own bootstrap interval as a sentence ("" when too few participants define it)."""
+    interval = protocol["subject_threshold_ci95"]
+    if interval is None:
+        return ""
+    return (f" Chosen again on bootstrap resamples of the participants, the cut falls in {interval[0]:.2f}-"
+            f"{interval[1]:.2f} (95 %): another cohort of this size could set the operating point anywhere there.")
+
+
 def _fmt(entry, digits: int = 3) -> str:
     """A metric {"value", "ci95"} (or a plain number) as "0.812 [0.701, 0.903]"."""
     if isinstance(entry, dict):
@@ -323,7 +332,7 @@ figure {{ display: inline-block; margin: .5em; vertical-align: top; }} img {{ ma
 {cv['n_positive']} FCD): AUROC <strong>{_fmt(cv['auroc'])}</strong>,
 balanced accuracy <strong>{_fmt(cv['balanced_accuracy'])}</strong>, lesion detection rate
 <strong>{_fmt(metrics['cross_validation']['lesion']['detection_rate'])}</strong> (95% bootstrap CIs).</p>
-<p>Subject threshold {config.subject_threshold:.4f}: {html.escape(metrics['protocol']['threshold_rule'])}.
+<p>Subject threshold {config.subject_threshold:.4f}: {html.escape(metrics['protocol']['threshold_rule'])}.{html.escape(_threshold_spread(metrics['protocol']))}
 Voxel threshold {config.voxel_threshold:.2f}: {html.escape(metrics['protocol']['voxel_threshold_rule'])}.
 Final model: {html.escape(metrics['protocol']['final_model'])}.
 Architecture {html.escape(config.architecture)}, channels {html.escape(', '.join(config.channels))},
@@ -398,7 +407,8 @@ or scanners unlike the training data.
 - Options: `{config.training['options']}`.
 - Final model: {protocol['final_model']}.
 - Non-FCD lesion mimics: {protocol['mimic_copies']}.
-- Subject threshold: {protocol['threshold_rule']}. Voxel threshold: {protocol['voxel_threshold_rule']}.
+- Subject threshold: {protocol['threshold_rule']}.{_threshold_spread(protocol)}
+  Voxel threshold: {protocol['voxel_threshold_rule']}.
 
 ## Evaluation (95% bootstrap confidence intervals)
 | evaluation | metric | value [95% CI] |

@@ -506,7 +506,7 @@ def cohort_metrics(frame: pd.DataFrame, threshold: float, n_boot: int, seed: int
 def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
     """OOF evaluation, thresholds, test set, audit; then model.pt, predictions, metrics, card, report."""
     from bids_fcd import audit
-    from bids_fcd.evaluate import THRESHOLD_RULE
+    from bids_fcd.evaluate import THRESHOLD_RULE, youden_threshold_ci
     from bids_fcd.group_report import GroupSummary, write_model_card, write_report
     from bids_fcd.models import save_checkpoint
 
@@ -515,6 +515,9 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
     subject_threshold, voxel_threshold, voxel_rule = thresholds(run, oof)
     log.info("thresholds from out-of-fold predictions: subject %.3f, voxel %.2f", subject_threshold,
              voxel_threshold)
+    subject_threshold_ci = youden_threshold_ci(
+        run.labels[oof.indices], oof.probability, N_BOOTSTRAP, args.seed,
+        groups=np.array([samples[i].participant_id for i in oof.indices]))
     rows = prediction_rows(run, oof, [str(plan.fold[i]) for i in oof.indices], subject_threshold,
                            voxel_threshold)
     if plan.test_honoured:
@@ -529,7 +532,8 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
         "protocol": {
             "n_folds": plan.n_folds, "seed": args.seed, "test_set": "participants.tsv split = test"
             if plan.test_honoured else None, "split_warning": plan.warning, "notes": plan.notes,
-            "subject_threshold": subject_threshold, "threshold_rule": THRESHOLD_RULE,
+            "subject_threshold": subject_threshold, "subject_threshold_ci95": subject_threshold_ci,
+            "threshold_rule": THRESHOLD_RULE,
             "voxel_threshold": voxel_threshold, "voxel_threshold_rule": voxel_rule,
             "min_cluster_mm3": run.config.min_cluster_mm3, "n_bootstrap": N_BOOTSTRAP,
             "final_model": run.final.description,

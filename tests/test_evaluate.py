@@ -71,6 +71,18 @@ def test_youden_threshold_maximises_balanced_accuracy_and_cuts_between_neighbour
         assert not np.any(np.isclose(prob, threshold))
 
 
+def test_youden_threshold_interval_lies_in_the_gap_of_separated_scores_and_widens_with_overlap():
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 30 + [1] * 30)
+    separated = np.concatenate([rng.uniform(0.0, 0.2, 30), rng.uniform(0.8, 1.0, 30)])
+    low, high = evaluate.youden_threshold_ci(y, separated, n_boot=200)
+    assert 0.0 < low <= high < 0.85 and low > 0.1  # every resample cuts between the classes
+    overlapping = np.concatenate([rng.uniform(0.0, 0.7, 30), rng.uniform(0.3, 1.0, 30)])
+    wide_low, wide_high = evaluate.youden_threshold_ci(y, overlapping, n_boot=200)
+    assert wide_high - wide_low > high - low
+    assert evaluate.youden_threshold_ci(np.ones(4), np.array([0.9, 0.8, 0.7, 0.1]), n_boot=200) is None  # one class
+
+
 def test_youden_threshold_by_hand():
     y = np.array([0, 0, 0, 1, 1, 1])
     prob = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8])

@@ -142,6 +142,19 @@ def test_predictions_table_has_one_row_per_unit(group_run):
     assert (patients["lesion_edge_distance_mm"].astype(float) >= 0).all()
 
 
+def test_subject_threshold_carries_its_own_bootstrap_interval(group_run):
+    _, out, _ = group_run
+    protocol = json.loads((out / "group" / "metrics.json").read_text())["protocol"]
+    interval = protocol["subject_threshold_ci95"]
+    card = (out / "group" / "MODEL_CARD.md").read_text()
+    if interval is None:  # the tiny cohort's resamples rarely hold both classes
+        assert "the cut falls in" not in card
+    else:
+        assert 0.0 <= interval[0] <= interval[1] <= 1.0
+        assert f"the cut falls in {interval[0]:.2f}-{interval[1]:.2f}" in card
+        assert "the cut falls in" in (out / "group" / "report.html").read_text()
+
+
 def test_metrics_have_confidence_intervals_sites_and_the_audit(group_run):
     _, out, _ = group_run
     metrics = json.loads((out / "group" / "metrics.json").read_text())
