@@ -3,7 +3,7 @@
 # held out), the group level on CUDA, and benchmarks/group_test_split.py on the result. Run after part 1 of
 # run_checks.sh, in the next device call (the machine keeps .devsite/ for ~30 s), through detached.sh when it may
 # outlast one call (a rerun skips the cohort once written and the group level resumes its folds):
-#   run(command="N=240 bash tools/device/detached.sh cohort 560 bash tools/device/group_cohort.sh",
+#   run(command="N=200 bash tools/device/detached.sh cohort 560 bash tools/device/group_cohort.sh",
 #       carry=[".devkit/part2"], timeout_s=590)
 # N (participants, default 160), SEED (11), GROUP_ARGS (extra group options), DEVICE (cuda), PYTHON (python3)
 # and OUT (work/group_cohort) set it; DEVICE=cpu N=8 GROUP_ARGS="--n_folds 2 --epochs 1" is a dry run anywhere.
@@ -12,7 +12,8 @@
 # needed ~15 min (synth 101 s, preprocessing 362 s, folds 156 s, refit 31 s, thresholds 70 s), more than one
 # session's device time after the start: it ran out after the thresholds. Then fetch group/*/ (the checkpoints) in
 # a last call and rerun the same group command on any machine with the cohort written again (same N and SEED): the
-# folds and the refit resume from the checkpoints and only the evaluation runs there.
+# folds and the refit resume from the checkpoints and only the evaluation runs there. N=200 should fit (~12 min,
+# estimated from these) in the two calls of the example above.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 python="${PYTHON:-python3}"
