@@ -2,13 +2,11 @@
 # A default-model candidate trained on the lent GPU machine: tools/train_default_model.py --device cuda, all four
 # phases, with this script's arguments passed on (the scale to try: --n_synthetic, --n_mimic, --epochs, ...).
 # Run after part 1 of run_checks.sh, through detached.sh (it can outlast one call):
-#   run(command="bash tools/device/detached.sh train 560 bash tools/device/train_default.sh --n_synthetic 800",
-#       carry=[".devkit/part2"], timeout_s=590)
-#   then, if it printed "still running": run(command="RESULTS=work/train_default bash tools/device/detached.sh train 560")
-# (detached.sh copies work/group_cohort unless RESULTS names this script's folder: pass RESULTS=work/train_default on
-# both calls.) Writes work/train_default/: log.txt and model.tar.gz (model.pt, model.json, training logs; the
-# model and the tool's caches are in work/train_default_out/). Judge the
-# candidate here with `python benchmarks/evaluate_default_model.py --model DIR/model.pt --out ... --card ...`, by the
+#   run(command="RESULTS=work/train_default bash tools/device/detached.sh train 560 bash tools/device/train_default.sh
+#       --n_synthetic 800", carry=[".devkit/part2"], timeout_s=590)
+#   then, if it printed "still running": run(command="bash tools/device/detached.sh train 560")
+# Writes work/train_default/ (what detached.sh copies back, as RESULTS says): log.txt and model.tar.gz (model.pt,
+# model.json, training logs; the model and the tool's caches are in work/train_default_out/). Judge the candidate here with `python benchmarks/evaluate_default_model.py --model DIR/model.pt --out ... --card ...`, by the
 # rule in benchmarks/results/model_candidates.md written before it runs. DEVICE=cpu PYTHON=... is a dry run.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
