@@ -26,7 +26,9 @@ VOLUME_RANGE_ML = (0.5, 8.0)
 BOUNDARY_PROBABILITY = (0.3, 0.7)
 # Where grey + white probability is below this, the voxel is CSF or outside the brain.
 LOW_TISSUE_PROBABILITY = 0.3
-# A lesion centre must have CSF within this distance (cortex is ~3 mm thick): keeps centres cortical.
+# A lesion centre must have subarachnoid CSF (not a ventricle's) within this distance (cortex is ~3 mm thick):
+# keeps centres cortical. With any CSF, 4 % of the template's candidate junction voxels qualified through a
+# ventricle alone, and periventricular white matter received "FCD" that looked like an MS plaque.
 MAX_DISTANCE_TO_CSF_MM = 8.0
 # Smallest enclosed CSF space that counts as a ventricle (template lateral ventricles hold ~7 mL each).
 MIN_VENTRICLE_ML = 1.0
@@ -433,17 +435,20 @@ def _draw_centre(
     reach_mm: float,
     forbidden: np.ndarray | None,
 ) -> tuple[int, int, int]:
-    """A random cortical grey/white junction voxel whose lesion would stay `reach_mm` clear of `forbidden`."""
+    """A random cortical grey/white junction voxel (subarachnoid CSF nearby, `MAX_DISTANCE_TO_CSF_MM`) whose lesion
+    would stay `reach_mm` clear of `forbidden`."""
     low, high = BOUNDARY_PROBABILITY
     boundary = (gm_prob >= low) & (gm_prob <= high) & (wm_prob >= low) & (wm_prob <= high)
     if not boundary.any():
         raise ValueError("no grey/white junction voxel: are gm_prob and wm_prob probabilities (0..1)?")
     candidates = np.flatnonzero(boundary if forbidden is None else boundary & ~forbidden)
+    surface_csf = ((gm_prob + wm_prob) < LOW_TISSUE_PROBABILITY) & ~enclosed_csf(gm_prob, wm_prob, spacing_mm,
+                                                                                  MIN_VENTRICLE_ML)
     csf_radius = MAX_DISTANCE_TO_CSF_MM / spacing_mm
     for flat_index in rng.choice(candidates, size=min(MAX_CENTRE_DRAWS, candidates.size), replace=False):
         centre = tuple(int(i) for i in np.unravel_index(flat_index, gm_prob.shape))
         near = _crop_around(gm_prob.shape, centre, csf_radius)
-        if not ((gm_prob[near] + wm_prob[near]) < LOW_TISSUE_PROBABILITY).any():
+        if not surface_csf[near].any():
             continue
         # The soft edge of the intensity change reaches two voxels beyond the mask.
         if forbidden is not None and _sphere_hits(forbidden, centre, reach_mm / spacing_mm + 2):

@@ -174,6 +174,30 @@ def test_exclude_mask_covering_everything_is_an_error(phantom):
         _draw(phantom, 0, exclude_mask=np.ones(SHAPE, dtype=bool))
 
 
+def _brain_with_a_grey_lined_ventricle(with_cortex: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(gm, wm) of a 30 mm white-matter sphere around an 8 mm ventricle lined by 2 mm of grey matter (a caudate-like
+    rim, >= 20 mm from the surface), with or without a 3 mm cortex outside."""
+    shape = (56, 56, 56)
+    radius = np.sqrt(sum((np.indices(shape)[a] - (shape[a] - 1) / 2) ** 2 for a in range(3))) * SPACING_MM
+
+    def inside(edge_mm: float) -> np.ndarray:
+        return np.clip((edge_mm - radius) / SPACING_MM + 0.5, 0.0, 1.0)
+
+    rim = inside(10.0) - inside(8.0)
+    cortex = inside(33.0) - inside(30.0) if with_cortex else 0.0
+    return rim + cortex, inside(30.0) - inside(10.0)
+
+
+def test_a_junction_with_only_a_ventricle_nearby_is_not_cortex():
+    gm, wm = _brain_with_a_grey_lined_ventricle(with_cortex=False)
+    with pytest.raises(ValueError, match="cortical"):  # ventricular CSF does not make the rim cortex
+        sample_lesion_params(np.random.default_rng(0), gm, wm, SPACING_MM)
+    gm, wm = _brain_with_a_grey_lined_ventricle(with_cortex=True)
+    centres = [sample_lesion_params(np.random.default_rng(seed), gm, wm, SPACING_MM).centre_vox for seed in range(20)]
+    depth_mm = [np.linalg.norm((np.array(c) - 27.5) * SPACING_MM) for c in centres]
+    assert min(depth_mm) > 25.0  # every centre at the cortex's junction, none at the rim's
+
+
 def test_transmantle_tail_runs_from_the_cortex_to_the_ventricle(phantom):
     drawn = next(p for seed in range(50) if (p := _draw(phantom, seed, severity=1.0)).transmantle)
     params = replace(drawn, volume_ml=0.6, wm_depth_mm=3.0)  # a small core, so the tail alone nears the ventricle
