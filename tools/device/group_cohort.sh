@@ -7,8 +7,12 @@
 #       carry=[".devkit/part2"], timeout_s=590)
 # N (participants, default 160), SEED (11), GROUP_ARGS (extra group options), DEVICE (cuda), PYTHON (python3)
 # and OUT (work/group_cohort) set it; DEVICE=cpu N=8 GROUP_ARGS="--n_folds 2 --epochs 1" is a dry run anywhere.
-# Writes to $OUT: log.txt (every step with its time), group.tar.gz (group/ without its resume checkpoints) and
-# group_test_split.json. Measured on an H200 (2026-12-04): N=160 took 430 s; N=240 with --epochs 30 --patience 8
+# Writes to $OUT: log.txt (every step with its time), group.tar.gz (group/ without its resume checkpoints),
+# group_test_split.json and misses.json (which out-of-fold lesions the fold models miss, silent or under the cut,
+# against the shipped model). The next experiment (README, group level): whether the shipped starting point is
+# what leaves deep lesions silent, N=160's run again (same seed, no mimics as then) from random weights:
+#   N=160 GROUP_ARGS="--from_scratch --mimic_fraction 0 --epochs 40 --patience 8" (est. ~11 min with the start).
+# Measured on an H200 (2026-12-04): N=160 took 430 s; N=240 with --epochs 30 --patience 8
 # needed ~15 min (synth 101 s, preprocessing 362 s, folds 156 s, refit 31 s, thresholds 70 s), more than one
 # session's device time after the start: it ran out after the thresholds. Then fetch group/*/ (the checkpoints) in
 # a last call and rerun the same group command on any machine with the cohort written again (same N and SEED): the
@@ -51,4 +55,6 @@ group_code=$?
 tar -czf "$out/group.tar.gz" -C "$work/out" --exclude checkpoint_latest.pt group 2>>"$out/log.txt"
 [ "$group_code" -eq 0 ] || exit 1
 step test_split 300 "$python" benchmarks/group_test_split.py "$work/bids" "$work/out" --device "$device" \
-  --n_cpus "$cpus" --out "$out/group_test_split.json"
+  --n_cpus "$cpus" --out "$out/group_test_split.json" || exit 1
+step misses 300 "$python" benchmarks/group_misses.py "$work/bids" "$work/out" --device "$device" \
+  --n_cpus "$cpus" --out "$out/misses.json"
