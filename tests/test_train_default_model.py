@@ -68,3 +68,24 @@ def test_ensemble_joins_the_members_and_chooses_thresholds_on_its_own_calibratio
     assert [member["seed"] for member in saved.training["members"]] == [0, 1]
     assert saved.training["n_calibration"] == 4 and "--ensemble" in saved.training["command"]
     assert saved.subject_threshold == saved.training["subject_threshold"]
+
+
+def _volumes(n: int) -> list:
+    brain = np.zeros((24, 24, 24), bool)
+    brain[2:22, 2:22, 2:22] = True
+    image = np.stack([np.where(brain, 0.8, 0.0), np.where(brain, 0.6, 0.0)]).astype(np.float32)
+    return [tool.Volume(image.copy(), brain, np.zeros(brain.shape, np.uint8), (i + 1) % 2, "synthetic")
+            for i in range(n)]
+
+
+def test_no_distractors_leaves_the_controls_clean_and_the_random_stream_where_distractors_leave_it():
+    wm = np.zeros((24, 24, 24), np.float32)
+    wm[4:20, 4:20, 4:20] = 1.0
+    with_them, without = _volumes(8), _volumes(8)
+    rng_with, rng_without = np.random.default_rng(3), np.random.default_rng(3)
+    tool.distract_controls(with_them, rng_with, wm, 1.5, apply=True)
+    tool.distract_controls(without, rng_without, wm, 1.5, apply=False)
+    changed = [i for i, v in enumerate(with_them) if not np.array_equal(v.image, _volumes(1)[0].image)]
+    assert changed == [1, 5] and all(with_them[i].label == 0 for i in changed)  # every other control
+    assert all(np.array_equal(v.image, _volumes(1)[0].image) for v in without)
+    assert rng_with.integers(1 << 30) == rng_without.integers(1 << 30)  # the next volumes are drawn alike

@@ -9,7 +9,8 @@ What it trains on (all simulated lesions, never a patient):
   preprocessed by the participant pipeline, with FCD-like lesions implanted away from the tumour and its
   oedema, and as they are (a real FLAIR-bright lesion that is not FCD, labelled control);
 - non-FCD distractors: FLAIR-bright, T1-dark ovoid lesions in the deep white matter (small-vessel / MS-like),
-  labelled control, so that "bright on FLAIR" alone is not FCD;
+  labelled control, so that "bright on FLAIR" alone is not FCD (`--no_distractors` leaves them out, to test
+  whether they are why deep FCD goes unseen);
 - in phase 2, non-FCD lesion mimics (`bids_fcd.mimics`: MS-like plaques, chronic infarcts, gliomas with oedema)
   in synthetic and real anatomy, in controls and beside FCD implants, their voxels labelled not-lesion: the
   unseen real stroke, MS and glioma brains were the first model's worst false positives.
@@ -156,6 +157,17 @@ def add_distractors(volume: Volume, rng: np.random.Generator, wm: np.ndarray, sp
         wm_level = np.median(volume.image[:, wm > 0.9], axis=1)
         volume.image[0] -= blob * wm_level[0] * rng.uniform(0.1, 0.35)
         volume.image[1] += blob * wm_level[1] * rng.uniform(0.4, 1.0)
+
+
+def distract_controls(volumes: list[Volume], rng: np.random.Generator, wm: np.ndarray, spacing_mm: float,
+                      apply: bool) -> None:
+    """Distractors into every other control (`volumes[1::4]`: the volumes alternate FCD / control). With `apply`
+    False their random numbers are still drawn, on a copy, so that every other volume of the run is the same: a
+    run with `--no_distractors` differs from one without it in the distractors alone."""
+    for volume in volumes[1::4]:
+        target = volume if apply else Volume(volume.image.copy(), volume.brain, volume.lesion, volume.label,
+                                             volume.origin)
+        add_distractors(target, rng, wm, spacing_mm, n=int(rng.integers(2, 8)))
 
 
 def with_flair_level(volume: Volume, rng: np.random.Generator) -> Volume:
@@ -340,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--realism_epochs", type=int, default=8, help="phase 4: epochs (0: no phase 4)")
     parser.add_argument("--finetune_from", type=Path,
                         help="a model trained by phases 1-3 of this command: load it instead of training them again")
+    parser.add_argument("--no_distractors", action="store_true",
+                        help="phases 1-2 without the deep white-matter distractors, all else the same: whether they "
+                             "teach the network to silence deep FCD (the shipped model finds 0.38 of deep lesions)")
     parser.add_argument("--epochs", type=int, default=14, help="phase 1: epochs on patches")
     parser.add_argument("--whole_epochs", type=int, default=8, help="phase 2: epochs on whole volumes")
     parser.add_argument("--n_threads", type=int, default=2,
@@ -353,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only join these models of this command (other seeds) into one ensemble in --out and "
                              "choose its thresholds on the calibration cohort of --seed")
     args = parser.parse_args(argv)
+    if args.no_distractors and args.finetune_from:
+        parser.error("--no_distractors changes phases 1-2, which --finetune_from skips")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.n_threads)
     started = time.time()
@@ -367,12 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     _, wm, _ = template_tissue_maps(grid)
 
     train_volumes = [synthetic_volume(rng, grid, with_lesion=i % 2 == 0) for i in range(args.n_synthetic)]
-    for volume in train_volumes[1::4]:  # every other control (a quarter of all volumes): non-FCD white-matter lesions
-        add_distractors(volume, rng, wm, grid.spacing_mm, n=int(rng.integers(2, 8)))
+    distract_controls(train_volumes, rng, wm, grid.spacing_mm, apply=not args.no_distractors)
     real = real_volumes(grid, args.work_dir / "cache", rng, args.implants_per_brain)
     validation_volumes = [synthetic_volume(rng, grid, with_lesion=i % 2 == 0) for i in range(args.n_validation)]
-    for volume in validation_volumes[1::4]:
-        add_distractors(volume, rng, wm, grid.spacing_mm, n=int(rng.integers(2, 8)))
+    distract_controls(validation_volumes, rng, wm, grid.spacing_mm, apply=not args.no_distractors)
     log.info("volumes ready after %.0f s: %d synthetic, %d real-anatomy, %d validation", time.time() - started,
              len(train_volumes), len(real), len(validation_volumes))
 
@@ -445,8 +460,10 @@ def main(argv: list[str] | None = None) -> int:
                   **choose_thresholds(model, config, calibration_volumes(args, grid), dist.device)}
     training = {
         "data": "simulated FCD-like lesions only: synthetic volumes from nilearn's MNI152 2009a template anatomy "
-                f"({args.n_synthetic}, half with a lesion, half of the controls with non-FCD white-matter "
-                f"distractors) and the two real glioma-brainlesion brains, each as it is (control) and with "
+                f"({args.n_synthetic}, half with a lesion, "
+                + ("no distractors" if args.no_distractors else "half of the controls with non-FCD white-matter "
+                   "distractors")
+                + ") and the two real glioma-brainlesion brains, each as it is (control) and with "
                 f"{args.implants_per_brain} FCD-like implants away from the tumour (one draw in phase 1, "
                 f"{args.whole_real_rounds} in phase 2); in phase 2 also non-FCD mimics (MS-like plaques, chronic "
                 f"infarcts, gliomas with oedema: {args.n_mimic} synthetic volumes and the real brains, in controls "
@@ -472,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"--n_calibration {args.n_calibration} "
                    f"--epochs {args.epochs} "
                    f"--whole_epochs {args.whole_epochs}"
+                   + (" --no_distractors" if args.no_distractors else "")
                    + (f" --device {dist.device.type}" if dist.device.type != "cpu" else ""),
         "device": str(dist.device),
         "voxel_loss_weight": options.voxel_loss_weight,

@@ -9,11 +9,9 @@
 # and OUT (work/group_cohort) set it; DEVICE=cpu N=8 GROUP_ARGS="--n_folds 2 --epochs 1" is a dry run anywhere.
 # Writes to $OUT: log.txt (every step with its time), group.tar.gz (group/ without its resume checkpoints),
 # group_test_split.json and misses.json (which out-of-fold lesions the fold models miss, silent or under the cut,
-# against the shipped model). The next experiment (README, group level): whether the shipped starting point is
-# what leaves deep lesions silent, N=160's run again (same seed, no mimics as then) from random weights:
-#   N=160 GROUP_ARGS="--from_scratch --mimic_fraction 0 --epochs 40 --patience 8" (est. ~11 min with the start).
-#   Read deep against shallow detection in misses.json (0.62 against 0.93-1.00 fine-tuned), not the totals: a
-#   network trained from scratch on 120 participants is weaker overall.
+# against the shipped model). `--from_scratch` is no test of whether the shipped starting point silences deep
+# lesions: from random weights the group level's whole-volume training had not begun to learn the map after 14
+# epochs (one fold of N=240 on a 2-core VM, 2026-12-04); README, group level, says what would test it.
 # Measured on an H200 (2026-12-04): N=160 took 430 s; N=240 with --epochs 30 --patience 8
 # needed ~15 min (synth 101 s, preprocessing 362 s, folds 156 s, refit 31 s, thresholds 70 s), more than one
 # session's device time after the start: it ran out after the thresholds. Then fetch group/*/ (the checkpoints) in
