@@ -1,10 +1,12 @@
-"""Which lesions a group run's fold models miss out-of-fold, and why: is the map silent there, or just under the cut?
+"""Which lesions a group run's fold models miss out-of-fold, and why: was the lesion unseen, or just under the cut?
 
 For every cross-validation patient with a lesion mask, its fold's best model (the model that did not train on it,
 at the group's voxel threshold) and, for comparison, another model (default: the shipped one, which never saw the
 cohort; at its own threshold) are run as the participant level runs them; each lesion gets its depth band
-(`evaluate.lesion_conspicuity`), whether a candidate cluster touches it, and the map's peak inside it. A miss whose peak is under `SILENT` cannot be recovered by any
-voxel threshold or cluster size; one with a higher peak is a cut or cluster-size question. Summary per depth band.
+(`evaluate.lesion_conspicuity`), whether a candidate cluster touches it, and the map's peak inside it. A miss whose peak is under `evaluate.UNSEEN_PEAK` was unseen: no
+voxel threshold or cluster size recovers it; one with a higher peak is a cut or cluster-size question. Summary per depth band.
+(The group level's predictions.tsv carries the fold models' peak too, since 2026-12-04, as
+`lesion_peak_probability`; this adds the other model and works on runs from before.)
 
     python benchmarks/group_misses.py BIDS_DIR OUTPUT_DIR [--compare MODEL] [--out FILE]
 
@@ -25,10 +27,12 @@ import torch
 from bids_fcd.cache import load_or_preprocess
 from bids_fcd.evaluate import (
     LESION_EDGE_DISTANCE_EDGES_MM,
+    UNSEEN_PEAK,
     band_label,
     band_labels,
     lesion_case,
     lesion_conspicuity,
+    missed_lesions,
 )
 from bids_fcd.infer import predict
 from bids_fcd.inputs import discover
@@ -37,7 +41,6 @@ from bids_fcd.preprocess import mask_to_template
 from bids_fcd.template import model_grid
 
 SHIPPED = Path(__file__).resolve().parents[1] / "bids_fcd" / "weights" / "model.pt"
-SILENT = 0.05  # a map peak under this inside the lesion: the model does not see it at all
 
 
 def lesion_outcome(model: torch.nn.Module, config, voxel_threshold: float, image: np.ndarray, brain: np.ndarray,
@@ -49,16 +52,14 @@ def lesion_outcome(model: torch.nn.Module, config, voxel_threshold: float, image
 
 
 def summary(rows: list[dict], key: str) -> dict:
-    """Per depth band: lesions, detected, and the misses split into silent and under the cut."""
+    """Per depth band: lesions, detected, and the misses split into unseen and under the cut."""
     bands = {}
     for band in band_labels(LESION_EDGE_DISTANCE_EDGES_MM, "mm"):
         members = [row[key] for row in rows if row["depth_band"] == band]
-        if not members:
-            continue
-        missed = [m for m in members if not m["detected"]]
-        bands[band] = {"n": len(members), "detected": len(members) - len(missed),
-                       "missed_silent": sum(m["peak_in_lesion"] < SILENT for m in missed),
-                       "missed_under_the_cut": sum(m["peak_in_lesion"] >= SILENT for m in missed)}
+        if members:
+            missed = missed_lesions([m["detected"] for m in members], [m["peak_in_lesion"] for m in members])
+            bands[band] = {"n": len(members), "detected": len(members) - missed["n"],
+                           "missed_unseen": missed["unseen"], "missed_under_the_cut": missed["under_the_cut"]}
     return bands
 
 
@@ -101,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   pre.brain_mask, lesion, device),
                      "compared": lesion_outcome(other, other_config, other_config.voxel_threshold, image,
                                                 pre.brain_mask, lesion, device)})
-    record = {"group_run": str(args.output_dir), "compared_model": str(args.compare), "silent_below": SILENT,
-              "n_lesions": len(rows), "fold_models": summary(rows, "fold_model"),
+    record = {"group_run": str(args.output_dir), "compared_model": str(args.compare),
+              "unseen_below": UNSEEN_PEAK, "n_lesions": len(rows), "fold_models": summary(rows, "fold_model"),
               "compared": summary(rows, "compared"),
               "missed_by_both": sum(not r["fold_model"]["detected"] and not r["compared"]["detected"] for r in rows),
               "missed_by_fold_models_only": sum(not r["fold_model"]["detected"] and r["compared"]["detected"]
@@ -112,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                           "torch": torch.__version__}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{'depth band':<12} {'model':<12} lesions detected missed: silent / under the cut")
+    print(f"{'depth band':<12} {'model':<12} lesions detected missed: unseen / under the cut")
     for name in ("fold_models", "compared"):
         for band, figures in record[name].items():
             print(f"{band:<12} {name:<12} {figures['n']:>7} {figures['detected']:>8} "
-                  f"{figures['missed_silent']:>14} / {figures['missed_under_the_cut']}")
+                  f"{figures['missed_unseen']:>14} / {figures['missed_under_the_cut']}")
     print(f"missed by both: {record['missed_by_both']}; by the fold models only: "
           f"{record['missed_by_fold_models_only']}")
     return 0

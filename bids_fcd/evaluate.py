@@ -28,6 +28,8 @@ VOXEL_THRESHOLD_RULE = (f"lowest of 0.05, 0.10, ..., 0.95 with at most {MAX_FP_P
                         "off the mask in a patient), which maximises lesion detection within that bound; where none "
                         "meets it, the one with the fewest")
 CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
+# A missed lesion whose map peaks under this inside it was unseen: no voxel threshold or cluster size finds it
+UNSEEN_PEAK = 0.05
 # Lesion-volume bands for "which lesions are missed": about the thirds of the log-uniform 0.5-8 mL range the
 # synthetic lesions are drawn from.
 LESION_VOLUME_EDGES_ML = (1.0, 3.0)
@@ -341,6 +343,14 @@ def detector_figures_ci(labels: Sequence[int], probabilities: Sequence[float], c
                                 groups=None if groups is None else np.asarray(groups))
     point = detector_figures(labels, probabilities, list(cases), threshold)
     return {key: entry["ci95"] for key, entry in _with_ci(point, samples, list(point), n_boot).items()}
+
+
+def missed_lesions(detected: Sequence[bool], peaks: Sequence[float]) -> dict:
+    """The missed lesions split by why: `unseen` (map peak inside the lesion under `UNSEEN_PEAK`: a model
+    question) and `under_the_cut` (a higher peak, but no kept cluster there: a threshold or cluster-size question)."""
+    missed = [peak for found, peak in zip(detected, peaks) if not found]
+    unseen = int(sum(peak < UNSEEN_PEAK for peak in missed))
+    return {"n": len(missed), "unseen": unseen, "under_the_cut": len(missed) - unseen}
 
 
 def band_labels(edges: Sequence[float], unit: str) -> list[str]:

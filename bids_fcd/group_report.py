@@ -20,6 +20,7 @@ from bids_fcd import __version__
 from bids_fcd.audit import SHORTCUT_AUROC, AuditReport
 from bids_fcd.config import ModelConfig
 from bids_fcd.derivatives import atomic_path, write_text
+from bids_fcd.evaluate import UNSEEN_PEAK
 from bids_fcd.report import html_table
 
 NOTICE = ("Research use only. Not a medical device and not for clinical decisions. Metrics come from this "
@@ -81,6 +82,9 @@ def metric_rows(metrics: dict) -> list[list[str]]:
             for band, entry in section[key].items():
                 rows.append([title, f"lesion detection_rate, {measure} {band}",
                              f"{_fmt(entry['detection_rate'])} (n = {entry['n']})"])
+        missed = section["missed_lesions"]
+        rows.append([title, f"lesions missed: unseen (map peak < {UNSEEN_PEAK:g} inside) / under the cut",
+                     f"{missed['unseen']} / {missed['under_the_cut']}"])
         rows.append([title, "n (FCD)", f"{section['subject']['n']} ({section['subject']['n_positive']})"])
     for site, section in metrics["cross_validation"]["by_site"].items():
         for key in ("auroc", "sensitivity", "specificity"):

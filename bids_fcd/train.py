@@ -436,7 +436,7 @@ def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], sub
                     voxel_threshold: float) -> list[dict]:
     """One predictions.tsv row per sample of `predicted`, with its lesion localisation outcome and, where the
     lesion is known, its volume, FLAIR contrast and depth inside the brain mask (`evaluate.lesion_conspicuity`):
-    which lesions are missed."""
+    which lesions are missed; and the map's peak inside it: whether a miss was near the cut or unseen."""
     from bids_fcd.evaluate import lesion_case, lesion_conspicuity
 
     rows = []
@@ -444,11 +444,14 @@ def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], sub
     flair_channel = run.config.channels.index("FLAIR") if "FLAIR" in run.config.channels else None
     for j, i in enumerate(predicted.indices):
         sample = run.samples[i]
-        case = lesion_case(predicted.maps[j].astype(np.float32), known_lesion(sample), voxel_threshold, min_voxels)
+        prob = predicted.maps[j].astype(np.float32)
+        case = lesion_case(prob, known_lesion(sample), voxel_threshold, min_voxels)
         conspicuity = {"volume_ml": None, "flair_contrast": None, "edge_distance_mm": None}
+        peak = None
         if case["detected"] is not None:  # a non-empty lesion mask
             conspicuity = lesion_conspicuity(None if flair_channel is None else sample.image[flair_channel],
                                              sample.lesion, sample.brain_mask, run.config.grid_spacing_mm)
+            peak = float(prob[sample.lesion >= 0.5].max())
         meta = sample.unit.metadata
         rows.append({
             "participant_id": sample.participant_id, "session": sample.unit.session or "n/a",
@@ -463,6 +466,7 @@ def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], sub
             "lesion_volume_ml": _rounded(conspicuity["volume_ml"], 3),
             "lesion_flair_contrast": _rounded(conspicuity["flair_contrast"], 3),
             "lesion_edge_distance_mm": _rounded(conspicuity["edge_distance_mm"], 2),
+            "lesion_peak_probability": _rounded(peak, 4),
         })
     return rows
 
@@ -479,6 +483,7 @@ def cohort_metrics(frame: pd.DataFrame, threshold: float, n_boot: int, seed: int
         by_group,
         detection_by_band,
         lesion_metrics_with_ci,
+        missed_lesions,
         subject_metrics_with_ci,
     )
 
@@ -499,6 +504,7 @@ def cohort_metrics(frame: pd.DataFrame, threshold: float, n_boot: int, seed: int
                                                    LESION_VOLUME_EDGES_ML, "mL")
     result["lesion_by_edge_distance"] = detection_by_band(with_lesion["lesion_edge_distance_mm"].to_numpy(),
                                                           detected, LESION_EDGE_DISTANCE_EDGES_MM, "mm")
+    result["missed_lesions"] = missed_lesions(detected, with_lesion["lesion_peak_probability"].astype(float))
     result["by_site"] = by_group(frame["site"].to_numpy(), lambda mask: compute(frame[mask]))
     return result
 

@@ -298,3 +298,12 @@ def test_volume_bands_and_detection_by_band():
     assert result == {"< 1 mL": {"n": 2, "detection_rate": 0.5}, "1-3 mL": {"n": 1, "detection_rate": 1.0},
                       ">= 3 mL": {"n": 1, "detection_rate": 1.0}}
     assert evaluate.detection_by_band([], [], (1.0, 3.0), "mL")[">= 3 mL"] == {"n": 0, "detection_rate": None}
+
+
+def test_missed_lesions_are_split_into_unseen_and_under_the_cut():
+    detected = [True, False, False, False, True]
+    peaks = [0.9, 0.01, 0.3, evaluate.UNSEEN_PEAK, 0.02]  # a found lesion never counts, whatever its peak
+    missed = evaluate.missed_lesions(detected, np.array(peaks))
+    assert missed == {"n": 3, "unseen": 1, "under_the_cut": 2}
+    assert all(type(value) is int for value in missed.values())  # json-safe
+    assert evaluate.missed_lesions([], []) == {"n": 0, "unseen": 0, "under_the_cut": 0}

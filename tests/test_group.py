@@ -140,6 +140,19 @@ def test_predictions_table_has_one_row_per_unit(group_run):
     assert (patients["lesion_volume_ml"].astype(float) > 0).all()
     assert patients["lesion_flair_contrast"].astype(float).notna().all()
     assert (patients["lesion_edge_distance_mm"].astype(float) >= 0).all()
+    # the map's peak inside the lesion agrees with the detection: a found lesion reaches the voxel cut
+    voxel_threshold = json.loads((out / "group" / "model.json").read_text())["voxel_threshold"]
+    peak = patients["lesion_peak_probability"].astype(float)
+    assert peak.between(0, 1).all()
+    assert (peak[patients["lesion_detected"] == "True"] >= voxel_threshold - 1e-4).all()
+    assert set(table.loc[table["label"] == "control", "lesion_peak_probability"]) == {"n/a"}
+    # metrics.json counts the out-of-fold misses from the same peaks, and the report shows them
+    missed = json.loads((out / "group" / "metrics.json").read_text())["cross_validation"]["missed_lesions"]
+    cv = patients[patients["fold"] != "test"]
+    cv_missed = cv[cv["lesion_detected"] == "False"]["lesion_peak_probability"].astype(float)
+    assert missed == {"n": len(cv_missed), "unseen": int((cv_missed < evaluate.UNSEEN_PEAK).sum()),
+                      "under_the_cut": int((cv_missed >= evaluate.UNSEEN_PEAK).sum())}
+    assert "lesions missed: unseen" in (out / "group" / "report.html").read_text()
 
 
 def test_subject_threshold_carries_its_own_bootstrap_interval(group_run):
