@@ -116,16 +116,18 @@ def sample_lesion_params(
     elongation = rng.uniform(0.7, 1.4, size=3)
     elongation = tuple(float(a) for a in elongation / np.prod(elongation) ** (1.0 / 3.0))
     forbidden = _forbidden_for_core(exclude_mask, territory_mask)
+    ventricles = enclosed_csf(gm_prob, wm_prob, spacing_mm, MIN_VENTRICLE_ML)
+    surface_csf = ((gm_prob + wm_prob) < LOW_TISSUE_PROBABILITY) & ~ventricles
     while True:  # a lesion too big for the room it is allowed is drawn again, smaller
         try:
-            centre = _draw_centre(rng, gm_prob, wm_prob, spacing_mm, _reach_mm(volume_ml), forbidden)
+            centre = _draw_centre(rng, gm_prob, wm_prob, surface_csf, spacing_mm, _reach_mm(volume_ml), forbidden)
             break
         except ValueError:
             if volume_ml <= VOLUME_RANGE_ML[0]:
                 raise
             volume_ml = max(volume_ml / 2.0, VOLUME_RANGE_ML[0])
     wants_tail = bool(rng.uniform() < 0.1 + 0.45 * severity)
-    target = _nearest_ventricle(gm_prob, wm_prob, centre, spacing_mm) if wants_tail else None
+    target = _nearest_ventricle(ventricles, centre, spacing_mm) if wants_tail else None
     if target is not None and exclude_mask is not None and _tail_hits(exclude_mask, centre, target, spacing_mm):
         target = None  # no tail rather than one through a tumour
     return LesionParams(
@@ -431,19 +433,18 @@ def _draw_centre(
     rng: np.random.Generator,
     gm_prob: np.ndarray,
     wm_prob: np.ndarray,
+    surface_csf: np.ndarray,
     spacing_mm: float,
     reach_mm: float,
     forbidden: np.ndarray | None,
 ) -> tuple[int, int, int]:
-    """A random cortical grey/white junction voxel (subarachnoid CSF nearby, `MAX_DISTANCE_TO_CSF_MM`) whose lesion
-    would stay `reach_mm` clear of `forbidden`."""
+    """A random cortical grey/white junction voxel (`surface_csf`, the subarachnoid CSF, within
+    `MAX_DISTANCE_TO_CSF_MM`) whose lesion would stay `reach_mm` clear of `forbidden`."""
     low, high = BOUNDARY_PROBABILITY
     boundary = (gm_prob >= low) & (gm_prob <= high) & (wm_prob >= low) & (wm_prob <= high)
     if not boundary.any():
         raise ValueError("no grey/white junction voxel: are gm_prob and wm_prob probabilities (0..1)?")
     candidates = np.flatnonzero(boundary if forbidden is None else boundary & ~forbidden)
-    surface_csf = ((gm_prob + wm_prob) < LOW_TISSUE_PROBABILITY) & ~enclosed_csf(gm_prob, wm_prob, spacing_mm,
-                                                                                  MIN_VENTRICLE_ML)
     csf_radius = MAX_DISTANCE_TO_CSF_MM / spacing_mm
     for flat_index in rng.choice(candidates, size=min(MAX_CENTRE_DRAWS, candidates.size), replace=False):
         centre = tuple(int(i) for i in np.unravel_index(flat_index, gm_prob.shape))
@@ -488,16 +489,14 @@ def enclosed_csf(gm_prob: np.ndarray, wm_prob: np.ndarray, spacing_mm: float, mi
 
 
 def _nearest_ventricle(
-    gm_prob: np.ndarray, wm_prob: np.ndarray, centre: tuple[int, int, int], spacing_mm: float
+    ventricles: np.ndarray, centre: tuple[int, int, int], spacing_mm: float
 ) -> tuple[int, int, int] | None:
-    """The ventricle voxel nearest `centre`, or None if none is within MAX_TRANSMANTLE_LENGTH_MM.
-
-    Ventricles are the CSF spaces enclosed by brain tissue: low-tissue components that touch neither the array
-    border (outside the head) nor, through the sulci, the subarachnoid space connected to it.
-    """
+    """The voxel of `ventricles` (`enclosed_csf`: CSF spaces enclosed by brain tissue, touching neither the array
+    border nor, through the sulci, the subarachnoid space) nearest `centre`, or None if none is within
+    MAX_TRANSMANTLE_LENGTH_MM."""
     reach_vox = MAX_TRANSMANTLE_LENGTH_MM / spacing_mm
-    box = _crop_around(gm_prob.shape, centre, reach_vox)
-    ventricle = enclosed_csf(gm_prob, wm_prob, spacing_mm, MIN_VENTRICLE_ML)[box]
+    box = _crop_around(ventricles.shape, centre, reach_vox)
+    ventricle = ventricles[box]
     if not ventricle.any():
         return None
     points = np.argwhere(ventricle) + [s.start for s in box]
