@@ -8,7 +8,7 @@
 # N (participants, default 160), SEED (11), GROUP_ARGS (extra group options), DEVICE (cuda), PYTHON (python3)
 # and OUT (work/group_cohort) set it; DEVICE=cpu N=8 GROUP_ARGS="--n_folds 2 --epochs 1" is a dry run anywhere.
 # Writes to $OUT: log.txt (every step with its time), group.tar.gz (group/ without its resume checkpoints),
-# group_test_split.json and misses.json (which out-of-fold lesions the fold models miss, silent or under the cut,
+# group_test_split.json and misses.json (which out-of-fold lesions the fold models miss, unseen or under the cut,
 # against the shipped model). `--from_scratch` is no test of whether the shipped starting point silences deep
 # lesions: from random weights the group level's whole-volume training had not begun to learn the map after 14
 # epochs (one fold of N=240 on a 2-core VM, 2026-12-04); README, group level, says what would test it.

@@ -6,8 +6,9 @@
 #       --n_synthetic 800", carry=[".devkit/part2"], timeout_s=590)
 #   then, if it printed "still running": run(command="bash tools/device/detached.sh train 560")
 # Writes work/train_default/ (what detached.sh copies back, as RESULTS says): log.txt and model.tar.gz (model.pt,
-# model.json, training logs; the model and the tool's caches are in work/train_default_out/). Judge the candidate here with `python benchmarks/evaluate_default_model.py --model DIR/model.pt --out ... --card ...`, by the
-# rule in benchmarks/results/model_candidates.md written before it runs. DEVICE=cpu PYTHON=... is a dry run.
+# model.json, training logs; the model and the tool's caches are in work/train_default_out/). Judge the candidate
+# here with `python benchmarks/evaluate_default_model.py --model DIR/model.pt --out ... --card ...`, by the rule in
+# benchmarks/results/model_candidates.md written before it runs. DEVICE=cpu PYTHON=... is a dry run.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 python="${PYTHON:-python3}"
