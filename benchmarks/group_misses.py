@@ -3,8 +3,9 @@
 For every cross-validation patient with a lesion mask, its fold's best model (the model that did not train on it,
 at the group's voxel threshold) and, for comparison, another model (default: the shipped one, which never saw the
 cohort; at its own threshold) are run as the participant level runs them; each lesion gets its depth band
-(`evaluate.lesion_conspicuity`), whether a candidate cluster touches it, and the map's peak inside it. A miss whose peak is under `evaluate.UNSEEN_PEAK` was unseen: no
-voxel threshold or cluster size recovers it; one with a higher peak is a cut or cluster-size question. Summary per depth band.
+(`evaluate.lesion_conspicuity`), whether a candidate cluster touches it, and the map's peak inside it. A miss
+whose peak is under `evaluate.UNSEEN_PEAK` was unseen: no voxel threshold or cluster size recovers it; one with a
+higher peak is a cut or cluster-size question. Summary per depth band.
 (The group level's predictions.tsv carries the fold models' peak too, since 2026-12-04, as
 `lesion_peak_probability`; this adds the other model and works on runs from before.)
 

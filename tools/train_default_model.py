@@ -9,8 +9,8 @@ What it trains on (all simulated lesions, never a patient):
   preprocessed by the participant pipeline, with FCD-like lesions implanted away from the tumour and its
   oedema, and as they are (a real FLAIR-bright lesion that is not FCD, labelled control);
 - non-FCD distractors: FLAIR-bright, T1-dark ovoid lesions in the deep white matter (small-vessel / MS-like),
-  labelled control, so that "bright on FLAIR" alone is not FCD (`--no_distractors` leaves them out, to test
-  whether they are why deep FCD goes unseen);
+  labelled control, so that "bright on FLAIR" alone is not FCD (`--no_distractors` leaves them out; what that
+  does to detection is measured in benchmarks/results/model_candidates.md, candidates 12-13);
 - in phase 2, non-FCD lesion mimics (`bids_fcd.mimics`: MS-like plaques, chronic infarcts, gliomas with oedema)
   in synthetic and real anatomy, in controls and beside FCD implants, their voxels labelled not-lesion: the
   unseen real stroke, MS and glioma brains were the first model's worst false positives.
@@ -353,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune_from", type=Path,
                         help="a model trained by phases 1-3 of this command: load it instead of training them again")
     parser.add_argument("--no_distractors", action="store_true",
-                        help="phases 1-2 without the deep white-matter distractors, all else the same: whether they "
-                             "teach the network to silence deep FCD (the shipped model finds 0.38 of deep lesions)")
+                        help="phases 1-2 without the deep white-matter distractors, all else the same (at the card's "
+                             "size, one seed: 67 of the N=240 cohort's 90 lesions found without them, 58 with; "
+                             "benchmarks/results/model_candidates.md)")
     parser.add_argument("--epochs", type=int, default=14, help="phase 1: epochs on patches")
     parser.add_argument("--whole_epochs", type=int, default=8, help="phase 2: epochs on whole volumes")
     parser.add_argument("--n_threads", type=int, default=2,

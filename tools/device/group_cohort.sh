@@ -11,7 +11,7 @@
 # group_test_split.json and misses.json (which out-of-fold lesions the fold models miss, unseen or under the cut,
 # against the shipped model). `--from_scratch` is no test of whether the shipped starting point silences deep
 # lesions: from random weights the group level's whole-volume training had not begun to learn the map after 14
-# epochs (one fold of N=240 on a 2-core VM, 2026-12-04); README, group level, says what would test it.
+# epochs (one fold of N=240 on a 2-core VM, 2026-12-04); README, group level, says what silences them (phase 4).
 # Measured on an H200 (2026-12-04): N=160 took 430 s; N=240 with --epochs 30 --patience 8
 # needed ~15 min (synth 101 s, preprocessing 362 s, folds 156 s, refit 31 s, thresholds 70 s), more than one
 # session's device time after the start: it ran out after the thresholds. Then fetch group/*/ (the checkpoints) in
