@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "train_default_model.py"
 _spec = importlib.util.spec_from_file_location("train_default_model", TOOL)
@@ -89,3 +91,22 @@ def test_no_distractors_leaves_the_controls_clean_and_the_random_stream_where_di
     assert changed == [1, 5] and all(with_them[i].label == 0 for i in changed)  # every other control
     assert all(np.array_equal(v.image, _volumes(1)[0].image) for v in without)
     assert rng_with.integers(1 << 30) == rng_without.integers(1 << 30)  # the next volumes are drawn alike
+
+
+@pytest.mark.parametrize("no_realism_mimics", [False, True])
+def test_no_realism_mimics_leaves_phase_4_without_mimics(monkeypatch, no_realism_mimics):
+    mimicked, real_mimic_rngs = [], []
+    monkeypatch.setattr(tool, "template_tissue_maps", lambda grid: (None, None, None))
+    monkeypatch.setattr(tool, "synthetic_volume", lambda rng, grid, with_lesion: _volumes(1)[0])
+    monkeypatch.setattr(tool, "with_mimic", lambda v, *args: mimicked.append(args[-1]) or v)
+    monkeypatch.setattr(tool, "real_volumes", lambda *args, mimic_rng=None: real_mimic_rngs.append(mimic_rng) or [])
+    args = argparse.Namespace(seed=0, n_realism=8, no_realism_mimics=no_realism_mimics, work_dir=Path("unused"),
+                              implants_per_brain=2)
+    grid = argparse.Namespace(spacing_mm=1.5)
+
+    volumes = tool.realism_volumes(args, grid, pipeline=_volumes(2))
+    assert len(volumes) == 10
+    if no_realism_mimics:
+        assert mimicked == [] and real_mimic_rngs == [None]
+    else:
+        assert mimicked == ["plaques", "plaques", "tumour", "tumour"] and real_mimic_rngs[0] is not None
