@@ -94,14 +94,16 @@ def test_no_distractors_leaves_the_controls_clean_and_the_random_stream_where_di
 
 
 @pytest.mark.parametrize("no_realism_mimics", [False, True])
-def test_no_realism_mimics_leaves_phase_4_without_mimics(monkeypatch, no_realism_mimics):
-    mimicked, real_mimic_rngs = [], []
+@pytest.mark.parametrize("no_realism_levels", [False, True])
+def test_phase_4_options_leave_out_its_mimics_or_its_flair_levels(monkeypatch, no_realism_mimics, no_realism_levels):
+    mimicked, real_mimic_rngs, rescaled = [], [], []
     monkeypatch.setattr(tool, "template_tissue_maps", lambda grid: (None, None, None))
     monkeypatch.setattr(tool, "synthetic_volume", lambda rng, grid, with_lesion: _volumes(1)[0])
     monkeypatch.setattr(tool, "with_mimic", lambda v, *args: mimicked.append(args[-1]) or v)
     monkeypatch.setattr(tool, "real_volumes", lambda *args, mimic_rng=None: real_mimic_rngs.append(mimic_rng) or [])
-    args = argparse.Namespace(seed=0, n_realism=8, no_realism_mimics=no_realism_mimics, work_dir=Path("unused"),
-                              implants_per_brain=2)
+    monkeypatch.setattr(tool, "with_flair_level", lambda v, rng: rescaled.append(v) or v)
+    args = argparse.Namespace(seed=0, n_realism=8, no_realism_mimics=no_realism_mimics,
+                              no_realism_levels=no_realism_levels, work_dir=Path("unused"), implants_per_brain=2)
     grid = argparse.Namespace(spacing_mm=1.5)
 
     volumes = tool.realism_volumes(args, grid, pipeline=_volumes(2))
@@ -110,3 +112,4 @@ def test_no_realism_mimics_leaves_phase_4_without_mimics(monkeypatch, no_realism
         assert mimicked == [] and real_mimic_rngs == [None]
     else:
         assert mimicked == ["plaques", "plaques", "tumour", "tumour"] and real_mimic_rngs[0] is not None
+    assert len(rescaled) == (0 if no_realism_levels else 10)

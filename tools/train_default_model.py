@@ -183,7 +183,7 @@ def realism_volumes(args: argparse.Namespace, grid, pipeline: list[Volume]) -> l
     """Phase 4's training set: the preprocessed pipeline participants and fresh synthetic volumes (half with FCD,
     half of them with a non-FCD mimic) with real-like FLAIR levels, and one fresh draw of the real brains with
     implants and mimics. With `--no_realism_mimics` no mimics (the real brains' implant sites are then other draws
-    of the same stream)."""
+    of the same stream); with `--no_realism_levels` every FLAIR at the level it was made at (the last draws)."""
     rng = np.random.default_rng([args.seed, REALISM_STREAM])
     gm, wm, _ = template_tissue_maps(grid)
     synthetic = [synthetic_volume(rng, grid, with_lesion=i % 2 == 0) for i in range(args.n_realism)]
@@ -193,6 +193,8 @@ def realism_volumes(args: argparse.Namespace, grid, pipeline: list[Volume]) -> l
         synthetic = [with_mimic(v, rng, gm, wm, grid.spacing_mm, MIMIC_KINDS[i // 2 % len(MIMIC_KINDS)])
                      if i % 4 < 2 else v for i, v in enumerate(synthetic)]
         real = real_volumes(grid, args.work_dir / "cache", rng, args.implants_per_brain, mimic_rng=rng)
+    if args.no_realism_levels:
+        return pipeline + synthetic + real
     return [with_flair_level(v, rng) for v in pipeline + synthetic] + real
 
 
@@ -363,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_realism_mimics", action="store_true",
                         help="phase 4 without its non-FCD mimics (synthetic and on the real brains): which of its "
                              "mimics and its FLAIR levels silences deep lesions (benchmarks/results/model_candidates.md)")
+    parser.add_argument("--no_realism_levels", action="store_true",
+                        help="phase 4 without its FLAIR rescaling to real-like levels (same question as "
+                             "--no_realism_mimics)")
     parser.add_argument("--epochs", type=int, default=14, help="phase 1: epochs on patches")
     parser.add_argument("--whole_epochs", type=int, default=8, help="phase 2: epochs on whole volumes")
     parser.add_argument("--n_threads", type=int, default=2,
@@ -483,10 +488,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"seed {PIPELINE_SEED + args.seed}) + a quarter of phase 2's volumes, {args.pipeline_epochs} "
                         "epochs" if pipeline else "none")}),
         "phase_4": (f"the {len(pipeline)} phase-3 participants and {args.n_realism} fresh synthetic volumes (half with "
-                    + ("FCD, no mimics" if args.no_realism_mimics else "FCD, half of each with a non-FCD mimic")
-                    + "), FLAIR rescaled to an in-brain median drawn in "
-                    f"{FLAIR_MEDIAN_RANGE[0]}-{FLAIR_MEDIAN_RANGE[1]} (real FLAIR's level), and one fresh draw of "
-                    f"the real brains with implants{'' if args.no_realism_mimics else ' and mimics'}, {args.realism_epochs} epochs"
+                    + ("FCD, no mimics)" if args.no_realism_mimics else "FCD, half of each with a non-FCD mimic)")
+                    + ("" if args.no_realism_levels else ", FLAIR rescaled to an in-brain median drawn in "
+                       f"{FLAIR_MEDIAN_RANGE[0]}-{FLAIR_MEDIAN_RANGE[1]} (real FLAIR's level)")
+                    + ", and one fresh draw of the real brains with implants"
+                    + ("" if args.no_realism_mimics else " and mimics") + f", {args.realism_epochs} epochs"
                     if args.realism_epochs else "none"),
         **({"phases_1_3_from": f"{args.finetune_from} (model {base.get('command', '?')})"} if base else {}),
         "seed": args.seed,
@@ -500,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"--whole_epochs {args.whole_epochs}"
                    + (" --no_distractors" if args.no_distractors else "")
                    + (" --no_realism_mimics" if args.no_realism_mimics else "")
+                   + (" --no_realism_levels" if args.no_realism_levels else "")
                    + (f" --device {dist.device.type}" if dist.device.type != "cpu" else ""),
         "device": str(dist.device),
         "voxel_loss_weight": options.voxel_loss_weight,
