@@ -27,8 +27,10 @@ template-grid volumes never show: on pipeline-preprocessed controls the phase-2 
 candidates sat at the brain's outer edge. (4) A second short fine-tune for what the unseen real brains showed
 the synthetic data lacked: real FLAIR sits lower after normalisation (its bright tail sets the 99th percentile;
 measured on the two real training brains), so synthetic FLAIR is rescaled to real levels; and MS plaques are
-mostly T1-isointense, which the mimics now include. `--finetune_from` loads a model made by phases 1-3 and runs
-phase 4 only (phase 4 draws its own random numbers, so it is the same either way).
+mostly T1-isointense, which the mimics now include. Measured since (model_candidates.md, candidates 12-15): the
+rescaling in this short fine-tune silences deep lesions, the mimics do not; `--no_realism_levels` and
+`--no_realism_mimics` leave either out. `--finetune_from` loads a model made by phases 1-3 and runs phase 4 only
+(phase 4 draws its own random numbers, so it is the same either way).
 Thresholds are chosen on a calibration cohort that no training step saw: `bids_fcd synth` participants written
 as raw native-space scans and pushed through the participant level's own preprocessing (N4, brain extraction,
 registration, resampling), so that they are set on what the model sees in use. Template-grid validation volumes
