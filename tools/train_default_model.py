@@ -365,11 +365,11 @@ def main(argv: list[str] | None = None) -> int:
                              "size, one seed: 67 of the N=240 cohort's 90 lesions found without them, 58 with; "
                              "benchmarks/results/model_candidates.md)")
     parser.add_argument("--no_realism_mimics", action="store_true",
-                        help="phase 4 without its non-FCD mimics (synthetic and on the real brains): which of its "
-                             "mimics and its FLAIR levels silences deep lesions (benchmarks/results/model_candidates.md)")
+                        help="phase 4 without its non-FCD mimics, synthetic and on the real brains (candidate 14 in "
+                             "benchmarks/results/model_candidates.md: lesions lost as with them, real false positives up)")
     parser.add_argument("--no_realism_levels", action="store_true",
-                        help="phase 4 without its FLAIR rescaling to real-like levels (same question as "
-                             "--no_realism_mimics)")
+                        help="phase 4 without its FLAIR rescaling to real-like levels (candidate 15: keeps the deep "
+                             "lesions the rescaling silences, finds fewer implants in real anatomy)")
     parser.add_argument("--epochs", type=int, default=14, help="phase 1: epochs on patches")
     parser.add_argument("--whole_epochs", type=int, default=8, help="phase 2: epochs on whole volumes")
     parser.add_argument("--n_threads", type=int, default=2,
