@@ -113,3 +113,17 @@ def test_phase_4_options_leave_out_its_mimics_or_its_flair_levels(monkeypatch, n
     else:
         assert mimicked == ["plaques", "plaques", "tumour", "tumour"] and real_mimic_rngs[0] is not None
     assert len(rescaled) == (0 if no_realism_levels else 10)
+
+
+def test_runs_with_other_training_data_never_share_a_phase_folder(tmp_path):
+    def dirs(**options):
+        flags = {"no_distractors": False, "no_realism_mimics": False, "no_realism_levels": False, **options}
+        return tool.phase_dirs(argparse.Namespace(work_dir=tmp_path, **flags))
+
+    default = dirs()
+    assert [path.name for path in default.values()] == ["fit", "fit_whole", "fit_pipeline", "fit_realism"]
+    without_distractors = dirs(no_distractors=True)
+    assert all(without_distractors[phase] != default[phase] for phase in default)
+    realism = {dirs(no_distractors=True, no_realism_mimics=m, no_realism_levels=lv)["realism"]
+               for m in (False, True) for lv in (False, True)}
+    assert len(realism) == 4 and default["realism"] not in realism

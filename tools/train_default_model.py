@@ -200,6 +200,16 @@ def realism_volumes(args: argparse.Namespace, grid, pipeline: list[Volume]) -> l
     return [with_flair_level(v, rng) for v in pipeline + synthetic] + real
 
 
+def phase_dirs(args: argparse.Namespace) -> dict[str, Path]:
+    """Each phase's training folder in the work folder. A resume compares schedules, starting weights and sample
+    names, not the data, so the options that change a phase's data name its folder: a run with other data never
+    takes another run's finished phase for its own."""
+    data = "_no_distractors" if args.no_distractors else ""
+    realism = data + ("_no_mimics" if args.no_realism_mimics else "") + ("_no_levels" if args.no_realism_levels else "")
+    return {"patches": args.work_dir / f"fit{data}", "whole": args.work_dir / f"fit_whole{data}",
+            "pipeline": args.work_dir / f"fit_pipeline{data}", "realism": args.work_dir / f"fit_realism{realism}"}
+
+
 def patch_origins(volume: Volume, rng: np.random.Generator, n_random: int, n_lesion: int = 2) -> list[np.ndarray]:
     """Corners of PATCH^3 patches: `n_lesion` around the lesion (when there is one), `n_random` anywhere in the brain.
 
@@ -412,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                            patience=args.epochs, augmentation="gpu", seed=args.seed)
     torch.manual_seed(args.seed)  # before the initial weights: torch seeds its global generator randomly per process
     model = build_model(config)
+    dirs = phase_dirs(args)
     dist = DistContext(device=select_device(args.device))
     base = None  # with --finetune_from: the training record of the model phases 1-3 made
     if args.finetune_from:
@@ -423,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                                          spacing_mm=grid.spacing_mm)
         val_samples = to_patch_samples(validation_volumes, rng, n_random=1, prefix="val",
                                        spacing_mm=grid.spacing_mm)
-        patches = fit(model, config, train_samples, val_samples, options, args.work_dir / "fit", fold_id=0, dist=dist)
+        patches = fit(model, config, train_samples, val_samples, options, dirs["patches"], fold_id=0, dist=dist)
         model.load_state_dict(torch.load(patches.best_path, weights_only=True)["state_dict"])
         del train_samples, val_samples
 
@@ -443,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
              len(validation_volumes))
     if base is None:
         whole = fit(model, config, whole_volume_samples(train_volumes + real + train_mimics, "train"),
-                    whole_volume_samples(validation_volumes, "val"), whole_options, args.work_dir / "fit_whole",
+                    whole_volume_samples(validation_volumes, "val"), whole_options, dirs["whole"],
                     fold_id=0, dist=dist, start_digest=state_digest(model.state_dict()))
         model.load_state_dict(torch.load(whole.best_path, weights_only=True)["state_dict"])
     # Phase 3: what preprocessing does to a scan (brain-mask edges, interpolation, residual bias, registration
@@ -458,11 +469,11 @@ def main(argv: list[str] | None = None) -> int:
                                         warmup_epochs=1, patience=args.pipeline_epochs, augmentation="gpu",
                                         seed=args.seed)
         tuned = fit(model, config, whole_volume_samples(pipeline + (train_volumes + real + train_mimics)[::4], "train"),
-                    [], pipeline_options, args.work_dir / "fit_pipeline", fold_id=0, dist=dist,
+                    [], pipeline_options, dirs["pipeline"], fold_id=0, dist=dist,
                     start_digest=state_digest(model.state_dict()))
     # Phase 4: real-like FLAIR levels and the current mimics (T1-isointense plaques among them), on the pipeline
     # participants, fresh synthetic volumes and the real brains; fixed short schedule as in phase 3.
-    realism_dir = args.work_dir / "fit_realism"
+    realism_dir = dirs["realism"]
     if args.realism_epochs:
         realism_options = TrainOptions(epochs=args.realism_epochs, batch_size=2, learning_rate=2e-4,
                                        warmup_epochs=1, patience=args.realism_epochs, augmentation="gpu",
@@ -518,8 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - started),  # this invocation (less when it resumed finished phases)
     }
     save(model, config, thresholds, training, args.out)
-    logs = {"training_log_patches.tsv": args.work_dir / "fit", "training_log.tsv": args.work_dir / "fit_whole",
-            "training_log_pipeline.tsv": args.work_dir / "fit_pipeline", "training_log_realism.tsv": realism_dir}
+    logs = {"training_log_patches.tsv": dirs["patches"], "training_log.tsv": dirs["whole"],
+            "training_log_pipeline.tsv": dirs["pipeline"], "training_log_realism.tsv": realism_dir}
     for name, folder in logs.items():
         source = args.finetune_from.parent / name if base and folder != realism_dir else folder / "log.tsv"
         if source.is_file() and source.resolve() != (args.out / name).resolve():
