@@ -189,12 +189,11 @@ def realism_volumes(args: argparse.Namespace, grid, pipeline: list[Volume]) -> l
     rng = np.random.default_rng([args.seed, REALISM_STREAM])
     gm, wm, _ = template_tissue_maps(grid)
     synthetic = [synthetic_volume(rng, grid, with_lesion=i % 2 == 0) for i in range(args.n_realism)]
-    if args.no_realism_mimics:
-        real = real_volumes(grid, args.work_dir / "cache", rng, args.implants_per_brain)
-    else:
+    if not args.no_realism_mimics:
         synthetic = [with_mimic(v, rng, gm, wm, grid.spacing_mm, MIMIC_KINDS[i // 2 % len(MIMIC_KINDS)])
                      if i % 4 < 2 else v for i, v in enumerate(synthetic)]
-        real = real_volumes(grid, args.work_dir / "cache", rng, args.implants_per_brain, mimic_rng=rng)
+    real = real_volumes(grid, args.work_dir / "cache", rng, args.implants_per_brain,
+                        mimic_rng=None if args.no_realism_mimics else rng)
     if args.no_realism_levels:
         return pipeline + synthetic + real
     return [with_flair_level(v, rng) for v in pipeline + synthetic] + real
