@@ -27,6 +27,9 @@ class ModelConfig:
         grid_shape: voxels of the model grid (X, Y, Z), RAS+ axis order; see `bids_fcd.template.model_grid`.
         normalisation: how intensities inside the brain are scaled; only `NORMALISATION` exists, and a
             checkpoint naming another is refused (as is one for another `template_space`).
+        histogram_landmarks: per channel, the Nyul-Udupa landmarks (`preprocess.HISTOGRAM_PERCENTILES` of the
+            training volumes, averaged) that each input's in-brain histogram is mapped to before the network reads
+            it (`preprocess.model_input`); empty: the normalised intensities go in as they are.
         arch_params: keyword arguments of the architecture (width, dropout, ...).
         ensemble_size: networks of that architecture whose logits are averaged (`models.FCDEnsemble`); 1: one.
         subject_threshold: operating point on the subject-level FCD probability.
@@ -41,6 +44,7 @@ class ModelConfig:
     grid_spacing_mm: float = 1.5
     grid_shape: tuple[int, int, int] = (112, 128, 112)
     normalisation: str = NORMALISATION
+    histogram_landmarks: dict = field(default_factory=dict)
     arch_params: dict = field(default_factory=dict)
     ensemble_size: int = 1
     subject_threshold: float = 0.5

@@ -22,7 +22,7 @@ import multiprocessing
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
+from bids_fcd.config import ModelConfig
 from bids_fcd.inputs import Participant
 from bids_fcd.template import Grid
 
@@ -187,6 +188,16 @@ def mimic_copies(samples: list[Sample], indices: np.ndarray, fraction: float, se
             grid.spacing_mm, MIMIC_KINDS[order % len(MIMIC_KINDS)])
         copies[index] = Sample(sample.unit, image, sample.brain_mask, sample.lesion, sample.site)
     return copies
+
+
+def as_model_input(samples: list[Sample], config: ModelConfig) -> list[Sample]:
+    """The samples as `config`'s network reads them (`preprocess.model_input`: histogram-standardised when the
+    model was trained so); the same samples otherwise. After `mimic_copies`, which works on normalised intensities."""
+    from bids_fcd.preprocess import model_input
+
+    if not config.histogram_landmarks:
+        return samples
+    return [replace(s, image=model_input(s.image, s.brain_mask, config)) for s in samples]
 
 
 def with_copies(samples: list[Sample], indices: np.ndarray, copies: dict[int, Sample]) -> list[Sample]:

@@ -26,6 +26,7 @@ from torch import nn
 from .config import DEFAULT_N_PASSES, ModelConfig
 from .evaluate import candidate_clusters
 from .explain import grad_cam_pass
+from .preprocess import model_input
 from .template import Grid
 
 FLIP_AXIS = 2  # X of (N, C, X, Y, Z): left-right on the RAS+ grid, which the symmetric template mirrors at x = 0
@@ -85,7 +86,8 @@ def predict(model: nn.Module, config: ModelConfig, channels: np.ndarray, brain_m
     Args:
         model: from `bids_fcd.models.build_model` / `load_checkpoint`; moved to `device`, left in eval mode.
         config: the model's config; the input must match its channels and grid.
-        channels: (C, X, Y, Z) model-ready intensities, channel order `config.channels`.
+        channels: (C, X, Y, Z) normalised intensities (`preprocess.normalise_intensity`), channel order
+            `config.channels`; histogram-standardised here when the model was trained so (`preprocess.model_input`).
         brain_mask: (X, Y, Z) bool; probabilities, uncertainty and saliency are 0 outside it.
         device: from `select_device`.
         n_passes: total passes (>= 1).
@@ -98,6 +100,7 @@ def predict(model: nn.Module, config: ModelConfig, channels: np.ndarray, brain_m
     if n_passes < 1:
         raise ValueError(f"n_passes must be >= 1, got {n_passes}")
     mask_np = np.asarray(brain_mask, dtype=bool)
+    channels = model_input(channels, mask_np, config)
     x = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))[None].to(device)  # (1, C, X, Y, Z)
     mask = torch.from_numpy(mask_np)[None, None].to(device)  # (1, 1, X, Y, Z)
     model.to(device).eval()

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -29,11 +30,14 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from bids_fcd.config import ModelConfig
 from bids_fcd.derivatives import atomic_path
 from bids_fcd.template import Grid, load_template
 
 ROBUST_PERCENTILES = (1.0, 99.0)
 NORMALISED_RANGE = (-0.5, 3.0)  # normalised intensities are clipped to this, bounding outliers
+# The percentiles TorchIO's HistogramStandardization reads of an image (cutoffs 1 and 99, quartiles, deciles)
+HISTOGRAM_PERCENTILES = (1.0, 10.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 70.0, 75.0, 80.0, 90.0, 99.0)
 VOXEL_SIZE_LIMITS_MM = (0.1, 10.0)
 MIN_VOXELS_PER_AXIS = 8
 # sform and qform further apart than this anywhere in the image are warned about. Not a matrix tolerance: the qform
@@ -113,6 +117,51 @@ def normalise_intensity(volume: np.ndarray, brain_mask: np.ndarray) -> np.ndarra
     scaled = np.clip(scaled, *NORMALISED_RANGE)
     scaled[~inside] = 0.0
     return scaled.astype(np.float32)
+
+
+def histogram_landmarks(images: Sequence[np.ndarray], brain_masks: Sequence[np.ndarray],
+                        channels: Sequence[str]) -> dict[str, list[float]]:
+    """Nyul-Udupa landmarks of normalised training volumes: per channel, the mean of each volume's in-brain
+    HISTOGRAM_PERCENTILES. What TorchIO's `HistogramStandardization.train` computes for files, here for arrays
+    already on the 1st..99th percentile = 0..1 scale (its standard range), so the mean needs no rescaling.
+
+    images: (C, X, Y, Z) each, channel order `channels`; brain_masks: (X, Y, Z) bool each.
+    """
+    values = np.array([[np.percentile(image[c][brain > 0], HISTOGRAM_PERCENTILES) for c in range(len(channels))]
+                       for image, brain in zip(images, brain_masks)])  # (volumes, channels, percentiles)
+    return {name: [round(float(v), 5) for v in values[:, c].mean(axis=0)] for c, name in enumerate(channels)}
+
+
+def standardise_histograms(image: np.ndarray, brain_mask: np.ndarray, landmarks: dict[str, Sequence[float]],
+                           channels: Sequence[str]) -> np.ndarray:
+    """Map each channel's in-brain histogram onto `landmarks` (TorchIO's HistogramStandardization: piecewise
+    linear between the image's percentiles and the landmarks, extended linearly beyond them, so a lesion above
+    the 99th percentile keeps its contrast). Why: scanners differ in the shape of the histogram, not only its
+    range (real FLAIR's in-brain median sits at 0.53-0.74 after `normalise_intensity`, the generator's at
+    0.74-0.85), and a model should not have to learn every shape. Idempotent up to interpolation, so an input
+    standardised already passes through unchanged. Returns float32, 0 outside the brain, clipped to
+    NORMALISED_RANGE.
+    """
+    import torch
+    import torchio as tio  # imported here, as in data.py: slow to import, and only models trained so need it
+
+    inside = np.asarray(brain_mask) > 0
+    subject = tio.Subject(brain=tio.LabelMap(tensor=torch.from_numpy(inside[None].astype(np.uint8))),
+                          **{name: tio.ScalarImage(tensor=torch.from_numpy(np.asarray(image[c], np.float32)[None]))
+                             for c, name in enumerate(channels)})
+    transform = tio.HistogramStandardization({name: np.asarray(landmarks[name], dtype=float) for name in channels},
+                                             masking_method="brain")
+    standardised = transform(subject)
+    out = np.stack([standardised[name].data[0].numpy() for name in channels])
+    return np.where(inside, np.clip(out, *NORMALISED_RANGE), 0.0).astype(np.float32)
+
+
+def model_input(image: np.ndarray, brain_mask: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """What `config`'s network reads: the normalised channels, histogram-standardised when the model was trained
+    so (`config.histogram_landmarks`); the input itself otherwise."""
+    if not config.histogram_landmarks:
+        return image
+    return standardise_histograms(image, brain_mask, config.histogram_landmarks, config.channels)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from bids_fcd.config import ModelConfig
 from bids_fcd.data import (
     Sample,
     SplitPlan,
+    as_model_input,
     mimic_copies,
     plan_splits,
     prepare_samples,
@@ -320,6 +321,8 @@ def _group_level(args: argparse.Namespace, units: list[Participant], label_spec:
         log.warning("non-FCD mimics: none made (--mimic_fraction %.2g): they need T1w and FLAIR channels (the "
                     "model has %s) and controls or patients with a lesion mask", options.mimic_fraction,
                     ", ".join(config.channels))
+    samples = as_model_input(samples, config)
+    copies = dict(zip(copies, as_model_input(list(copies.values()), config)))
     results: list[FitResult] = []
     for k in range(plan.n_folds):
         train_idx, val_idx = plan.fold_indices(k)

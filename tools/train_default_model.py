@@ -29,7 +29,10 @@ the synthetic data lacked: real FLAIR sits lower after normalisation (its bright
 measured on the two real training brains), so synthetic FLAIR is rescaled to real levels; and MS plaques are
 mostly T1-isointense, which the mimics now include. Measured since (model_candidates.md, candidates 12-15): the
 rescaling in this short fine-tune silences deep lesions, the mimics do not; `--no_realism_levels` and
-`--no_realism_mimics` leave either out. `--finetune_from` loads a model made by phases 1-3 and runs phase 4 only
+`--no_realism_mimics` leave either out. `--histogram_standardisation` takes the level (and shape) difference out
+of the input instead: every volume's in-brain histogram is mapped to landmarks of the phase-1 training volumes
+(`preprocess.model_input`, TorchIO's Nyul-Udupa standardisation), in training and in use alike, which also makes
+phase 4's FLAIR rescaling a no-op. `--finetune_from` loads a model made by phases 1-3 and runs phase 4 only
 (phase 4 draws its own random numbers, so it is the same either way).
 Thresholds are chosen on a calibration cohort that no training step saw: `bids_fcd synth` participants written
 as raw native-space scans and pushed through the participant level's own preprocessing (N4, brain extraction,
@@ -68,7 +71,7 @@ from bids_fcd.inputs import Participant, discover
 from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
 from bids_fcd.mimics import MIMIC_KINDS, mimic_copy
 from bids_fcd.models import build_model, ensemble_of, load_checkpoint, save_checkpoint
-from bids_fcd.preprocess import NORMALISED_RANGE
+from bids_fcd.preprocess import NORMALISED_RANGE, histogram_landmarks, model_input
 from bids_fcd.synth import make_cohort, neocortical_territory, synth_template_sample, template_tissue_maps
 from bids_fcd.template import model_grid
 
@@ -199,11 +202,19 @@ def realism_volumes(args: argparse.Namespace, grid, pipeline: list[Volume]) -> l
     return [with_flair_level(v, rng) for v in pipeline + synthetic] + real
 
 
+def standardised(volumes: list[Volume], config: ModelConfig) -> list[Volume]:
+    """`volumes` as `config`'s network reads them (`preprocess.model_input`), changed in place: phase 2 holds
+    hundreds of whole volumes, and a copy of each would double the memory. Unchanged without landmarks."""
+    for volume in volumes:
+        volume.image = model_input(volume.image, volume.brain, config)
+    return volumes
+
+
 def phase_dirs(args: argparse.Namespace) -> dict[str, Path]:
     """Each phase's training folder in the work folder. A resume compares schedules, starting weights and sample
     names, not the data, so the options that change a phase's data name its folder: a run with other data never
     takes another run's finished phase for its own."""
-    data = "_no_distractors" if args.no_distractors else ""
+    data = ("_no_distractors" if args.no_distractors else "") + ("_histogram" if args.histogram_standardisation else "")
     realism = data + ("_no_mimics" if args.no_realism_mimics else "") + ("_no_levels" if args.no_realism_levels else "")
     return {"patches": args.work_dir / f"fit{data}", "whole": args.work_dir / f"fit_whole{data}",
             "pipeline": args.work_dir / f"fit_pipeline{data}", "realism": args.work_dir / f"fit_realism{realism}"}
@@ -379,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_realism_levels", action="store_true",
                         help="phase 4 without its FLAIR rescaling to real-like levels (candidate 15: keeps the deep "
                              "lesions the rescaling silences, finds fewer implants in real anatomy)")
+    parser.add_argument("--histogram_standardisation", action="store_true",
+                        help="map every input's in-brain histogram to landmarks of the phase-1 training volumes "
+                             "(TorchIO's HistogramStandardization), kept in the model's config and applied in use")
     parser.add_argument("--epochs", type=int, default=14, help="phase 1: epochs on patches")
     parser.add_argument("--whole_epochs", type=int, default=8, help="phase 2: epochs on whole volumes")
     parser.add_argument("--n_threads", type=int, default=2,
@@ -394,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.no_distractors and args.finetune_from:
         parser.error("--no_distractors changes phases 1-2, which --finetune_from skips")
+    if args.histogram_standardisation and args.finetune_from:
+        parser.error("--finetune_from takes the base model's own histogram landmarks, if it has any")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.n_threads)
     started = time.time()
@@ -412,6 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     real = real_volumes(grid, args.work_dir / "cache", rng, args.implants_per_brain)
     validation_volumes = [synthetic_volume(rng, grid, with_lesion=i % 2 == 0) for i in range(args.n_validation)]
     distract_controls(validation_volumes, rng, wm, grid.spacing_mm, apply=not args.no_distractors)
+    base = None  # with --finetune_from: the training record of the model phases 1-3 made
+    if args.finetune_from:
+        base_model, base_config = load_checkpoint(args.finetune_from)
+        config = config.updated(histogram_landmarks=base_config.histogram_landmarks)
+        base = base_config.training
+    elif args.histogram_standardisation:
+        config = config.updated(histogram_landmarks=histogram_landmarks(
+            [v.image for v in train_volumes + real], [v.brain for v in train_volumes + real], config.channels))
+    standardised(train_volumes + real + validation_volumes, config)
     log.info("volumes ready after %.0f s: %d synthetic, %d real-anatomy, %d validation", time.time() - started,
              len(train_volumes), len(real), len(validation_volumes))
 
@@ -423,11 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(config)
     dirs = phase_dirs(args)
     dist = DistContext(device=select_device(args.device))
-    base = None  # with --finetune_from: the training record of the model phases 1-3 made
-    if args.finetune_from:
-        base_model, base_config = load_checkpoint(args.finetune_from)
+    if base is not None:
         model.load_state_dict(base_model.state_dict())
-        base = base_config.training
     else:
         train_samples = to_patch_samples(train_volumes + real * 2, rng, n_random=2, prefix="train",
                                          spacing_mm=grid.spacing_mm)
@@ -444,11 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     # Phase 2 sees the real anatomy more (more scanners' backgrounds than synthetic contrasts can give); its
     # extra draws use their own generators, so phase 1 is the same with or without them.
     for round_index in range(1, args.whole_real_rounds):
-        real += real_volumes(grid, args.work_dir / "cache", np.random.default_rng([args.seed, round_index]),
-                             args.implants_per_brain, mimic_rng=np.random.default_rng([args.seed, round_index, 1]))
+        real += standardised(real_volumes(grid, args.work_dir / "cache", np.random.default_rng([args.seed, round_index]),
+                                          args.implants_per_brain,
+                                          mimic_rng=np.random.default_rng([args.seed, round_index, 1])), config)
     mimic_rng = np.random.default_rng([args.seed, 1000])
-    train_mimics = mimic_volumes(mimic_rng, grid, args.n_mimic)
-    validation_volumes += mimic_volumes(mimic_rng, grid, args.n_validation // 2)
+    train_mimics = standardised(mimic_volumes(mimic_rng, grid, args.n_mimic), config)
+    validation_volumes += standardised(mimic_volumes(mimic_rng, grid, args.n_validation // 2), config)
     log.info("phase 2: %d whole training volumes, %d validation", len(train_volumes) + len(real) + len(train_mimics),
              len(validation_volumes))
     if base is None:
@@ -460,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     # error), which template-grid volumes never show; with a quarter of phase 2's volumes, so that the mimics and
     # the real anatomy are not forgotten. A fixed short schedule at a low rate: the template-grid validation set
     # cannot judge this phase, and the calibration cohort must stay unseen until the thresholds.
-    pipeline = (pipeline_volumes(args.work_dir, "pipeline", grid, args.n_pipeline, PIPELINE_SEED + args.seed,
-                                 args.n_threads)
+    pipeline = (standardised(pipeline_volumes(args.work_dir, "pipeline", grid, args.n_pipeline,
+                                              PIPELINE_SEED + args.seed, args.n_threads), config)
                 if args.n_pipeline else [])
     if pipeline and base is None:
         pipeline_options = TrainOptions(epochs=args.pipeline_epochs, batch_size=2, learning_rate=2e-4,
@@ -477,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         realism_options = TrainOptions(epochs=args.realism_epochs, batch_size=2, learning_rate=2e-4,
                                        warmup_epochs=1, patience=args.realism_epochs, augmentation="gpu",
                                        seed=args.seed)
-        realism = fit(model, config, whole_volume_samples(realism_volumes(args, grid, pipeline), "train"), [],
+        realism = fit(model, config, whole_volume_samples(standardised(realism_volumes(args, grid, pipeline), config),
+                                                          "train"), [],
                       realism_options, realism_dir, fold_id=0, dist=dist, start_digest=state_digest(model.state_dict()))
     model.eval()
 
@@ -493,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.whole_real_rounds} in phase 2); in phase 2 also non-FCD mimics (MS-like plaques, chronic "
                 f"infarcts, gliomas with oedema: {args.n_mimic} synthetic volumes and the real brains, in controls "
                 "and beside FCD lesions, labelled not-FCD); no patient data",
+        "input_scaling": ("robust-percentile, then each channel's in-brain histogram mapped to the mean landmarks of "
+                          "the phase-1 training volumes (Nyul-Udupa, TorchIO HistogramStandardization)"
+                          if config.histogram_landmarks else "robust-percentile"),
         **({key: base[key] for key in ("phase_1", "phase_2", "phase_3")} if base else {
             "phase_1": f"{PATCH}^3 patches, {args.epochs} epochs (best {patches.best_epoch})",
             "phase_2": f"whole volumes, {args.whole_epochs} epochs (best {whole.best_epoch})",
@@ -519,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                    + (" --no_distractors" if args.no_distractors else "")
                    + (" --no_realism_mimics" if args.no_realism_mimics else "")
                    + (" --no_realism_levels" if args.no_realism_levels else "")
+                   + (" --histogram_standardisation" if args.histogram_standardisation else "")
                    + (f" --device {dist.device.type}" if dist.device.type != "cpu" else ""),
         "device": str(dist.device),
         "voxel_loss_weight": options.voxel_loss_weight,

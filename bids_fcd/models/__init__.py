@@ -109,7 +109,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[FCD
 
 # What must agree between an ensemble's members: everything that builds the network or feeds it.
 ENSEMBLE_KEYS = ("architecture", "arch_params", "channels", "grid_spacing_mm", "grid_shape", "normalisation",
-                 "template_space")
+                 "histogram_landmarks", "template_space")
 
 
 def ensemble_of(paths: list[Path]) -> tuple[FCDEnsemble, ModelConfig]:
