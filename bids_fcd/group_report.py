@@ -379,6 +379,8 @@ def write_model_card(path: Path, summary: GroupSummary) -> Path:
     shortcut = metrics["shortcut_audit"]
     best = shortcut.get("best") or {}
     left_out = metrics["cohort"]["left_out"]
+    standardised = (", then each channel's histogram standardised to the landmarks in model.json (Nyul-Udupa)"
+                    if config.histogram_landmarks else "")
     text = f"""# Model card: {config.name} {config.model_version}
 
 **Research use only. Not a medical device; not for diagnosis or treatment decisions.**
@@ -387,7 +389,7 @@ def write_model_card(path: Path, summary: GroupSummary) -> Path:
 - Architecture: `{config.architecture}` (encoder) with a voxel-wise lesion decoder and a lesion-evidence
   subject head (bids_fcd.models), arch_params `{config.arch_params}`.
 - Input: channels {', '.join(config.channels)} in template space {config.template_space}, grid
-  {list(config.grid_shape)} voxels at {config.grid_spacing_mm} mm, normalisation `{config.normalisation}`.
+  {list(config.grid_shape)} voxels at {config.grid_spacing_mm} mm, normalisation `{config.normalisation}`{standardised}.
 - Outputs: subject-level FCD probability (threshold {config.subject_threshold:.4f}) and a voxel-wise FCD
   probability map (clusters at >= {config.voxel_threshold:.2f}, at least {config.min_cluster_mm3:g} mm3).
 - Trained by bids_fcd {__version__} on {config.training['date']}; package versions in model.json.

@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bids_fcd.config import ModelConfig
+from bids_fcd.preprocess import HISTOGRAM_PERCENTILES
+
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "train_default_model.py"
 _spec = importlib.util.spec_from_file_location("train_default_model", TOOL)
 tool = importlib.util.module_from_spec(_spec)
@@ -42,7 +45,6 @@ def test_flair_level_moves_the_brain_median_into_the_real_range_and_keeps_lesion
 def test_ensemble_joins_the_members_and_chooses_thresholds_on_its_own_calibration_outputs(tmp_path, monkeypatch):
     import torch
 
-    from bids_fcd.config import ModelConfig
     from bids_fcd.models import build_model, load_checkpoint, save_checkpoint
 
     config = ModelConfig(grid_shape=(32, 32, 32), grid_spacing_mm=6.0, arch_params={"width": 0.25})
@@ -117,7 +119,8 @@ def test_phase_4_options_leave_out_its_mimics_or_its_flair_levels(monkeypatch, n
 
 def test_runs_with_other_training_data_never_share_a_phase_folder(tmp_path):
     def dirs(**options):
-        flags = {"no_distractors": False, "no_realism_mimics": False, "no_realism_levels": False, **options}
+        flags = {"no_distractors": False, "no_realism_mimics": False, "no_realism_levels": False,
+                 "histogram_standardisation": False, **options}
         return tool.phase_dirs(argparse.Namespace(work_dir=tmp_path, **flags))
 
     default = dirs()
@@ -127,3 +130,17 @@ def test_runs_with_other_training_data_never_share_a_phase_folder(tmp_path):
     realism = {dirs(no_distractors=True, no_realism_mimics=m, no_realism_levels=lv)["realism"]
                for m in (False, True) for lv in (False, True)}
     assert len(realism) == 4 and default["realism"] not in realism
+    standardised = dirs(no_distractors=True, histogram_standardisation=True)
+    assert all(standardised[phase] not in (default[phase], without_distractors[phase]) for phase in default)
+
+
+def test_standardised_volumes_change_in_place_only_for_a_model_with_landmarks():
+    brain = np.zeros((16, 16, 16), dtype=bool)
+    brain[3:13, 3:13, 3:13] = True
+    rng = np.random.default_rng(0)
+    image = np.where(brain, rng.gamma(2.0, 0.2, size=(2, 16, 16, 16)), 0).astype(np.float32)
+    volume = tool.Volume(image, brain, np.zeros(brain.shape, np.uint8), 0, "synthetic")
+    assert tool.standardised([volume], ModelConfig())[0].image is image
+    landmarks = {name: list(np.linspace(0.0, 1.0, len(HISTOGRAM_PERCENTILES))) for name in ("T1w", "FLAIR")}
+    assert tool.standardised([volume], ModelConfig(histogram_landmarks=landmarks))[0] is volume
+    assert np.allclose(np.percentile(volume.image[1][brain], HISTOGRAM_PERCENTILES), landmarks["FLAIR"], atol=0.02)
