@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -200,8 +201,22 @@ def test_other_settings_start_over(tmp_path):
     assert len(result.history) == 1
     state = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=True)
     assert state["signature"] == engine.run_signature(TINY_CONFIG, replace(options, learning_rate=0.01),
-                                                      [s.unit.name for s in samples[:2]],
-                                                      [s.unit.name for s in samples[2:]], 1)
+                                                      engine.sample_ids(samples[:2]), engine.sample_ids(samples[2:]), 1)
+
+
+def test_same_names_with_other_data_start_over(tmp_path, caplog):
+    samples = tiny_samples(4)
+    options = replace(OPTIONS, epochs=1, augmentation="off")
+    engine.fit(tiny_model(), TINY_CONFIG, samples[:2], samples[2:], options, tmp_path, 0, engine.DistContext())
+    with caplog.at_level(logging.INFO, logger="bids_fcd.engine"):
+        engine.fit(tiny_model(), TINY_CONFIG, samples[:2], samples[2:], options, tmp_path, 0, engine.DistContext())
+    assert "resuming after epoch 1" in caplog.text and "starting over" not in caplog.text
+    caplog.clear()
+    changed = replace(samples[0], image=samples[0].image + 0.5)  # same participant name, other intensities
+    with caplog.at_level(logging.INFO, logger="bids_fcd.engine"):
+        engine.fit(tiny_model(), TINY_CONFIG, [changed, samples[1]], samples[2:], options, tmp_path, 0,
+                   engine.DistContext())
+    assert "starting over" in caplog.text and "resuming" not in caplog.text
 
 
 def test_gpu_augmentation_path_and_bf16_autocast_run_on_cpu(tmp_path):

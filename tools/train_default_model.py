@@ -211,9 +211,9 @@ def standardised(volumes: list[Volume], config: ModelConfig) -> list[Volume]:
 
 
 def phase_dirs(args: argparse.Namespace) -> dict[str, Path]:
-    """Each phase's training folder in the work folder. A resume compares schedules, starting weights and sample
-    names, not the data, so the options that change a phase's data name its folder: a run with other data never
-    takes another run's finished phase for its own."""
+    """Each phase's training folder in the work folder, named by the options that change the phase's data: a resume
+    already refuses another run's checkpoint (`engine.sample_ids` fingerprints the data), and this way runs with
+    other options keep their finished phases side by side instead of overwriting each other's."""
     data = ("_no_distractors" if args.no_distractors else "") + ("_histogram" if args.histogram_standardisation else "")
     realism = data + ("_no_mimics" if args.no_realism_mimics else "") + ("_no_levels" if args.no_realism_levels else "")
     return {"patches": args.work_dir / f"fit{data}", "whole": args.work_dir / f"fit_whole{data}",
