@@ -32,7 +32,8 @@ rescaling in this short fine-tune silences deep lesions, the mimics do not; `--n
 `--no_realism_mimics` leave either out. `--histogram_standardisation` takes the level (and shape) difference out
 of the input instead: every volume's in-brain histogram is mapped to landmarks of the phase-1 training volumes
 (`preprocess.model_input`, TorchIO's Nyul-Udupa standardisation), in training and in use alike, which also makes
-phase 4's FLAIR rescaling a no-op. `--finetune_from` loads a model made by phases 1-3 and runs phase 4 only
+phase 4's FLAIR rescaling a no-op (candidate 16: best synthetic figures, real-anatomy detection unchanged).
+`--finetune_from` loads a model made by phases 1-3 and runs phase 4 only
 (phase 4 draws its own random numbers, so it is the same either way).
 Thresholds are chosen on a calibration cohort that no training step saw: `bids_fcd synth` participants written
 as raw native-space scans and pushed through the participant level's own preprocessing (N4, brain extraction,
