@@ -105,7 +105,8 @@ def test_phase_4_options_leave_out_its_mimics_or_its_flair_levels(monkeypatch, n
     monkeypatch.setattr(tool, "real_volumes", lambda *args, mimic_rng=None: real_mimic_rngs.append(mimic_rng) or [])
     monkeypatch.setattr(tool, "with_flair_level", lambda v, rng: rescaled.append(v) or v)
     args = argparse.Namespace(seed=0, n_realism=8, no_realism_mimics=no_realism_mimics,
-                              no_realism_levels=no_realism_levels, work_dir=Path("unused"), implants_per_brain=2)
+                              no_realism_levels=no_realism_levels, work_dir=Path("unused"), implants_per_brain=2,
+                              realism_real_rounds=1)
     grid = argparse.Namespace(spacing_mm=1.5)
 
     volumes = tool.realism_volumes(args, grid, pipeline=_volumes(2))
@@ -117,10 +118,31 @@ def test_phase_4_options_leave_out_its_mimics_or_its_flair_levels(monkeypatch, n
     assert len(rescaled) == (0 if no_realism_levels else 10)
 
 
+def test_more_real_rounds_in_phase_4_add_draws_and_keep_the_first(monkeypatch):
+    drawn = []
+    monkeypatch.setattr(tool, "template_tissue_maps", lambda grid: (None, None, None))
+    monkeypatch.setattr(tool, "synthetic_volume", lambda rng, grid, with_lesion: _volumes(1)[0])
+    monkeypatch.setattr(tool, "with_mimic", lambda v, *args: v)
+    monkeypatch.setattr(tool, "real_volumes",
+                        lambda grid, cache, rng, n, mimic_rng=None: drawn.append(rng.integers(1 << 30)) or _volumes(3))
+    grid = argparse.Namespace(spacing_mm=1.5)
+
+    def volumes(rounds):
+        drawn.clear()
+        args = argparse.Namespace(seed=0, n_realism=4, no_realism_mimics=False, no_realism_levels=True,
+                                  work_dir=Path("unused"), implants_per_brain=2, realism_real_rounds=rounds)
+        return tool.realism_volumes(args, grid, pipeline=[]), list(drawn)
+
+    one, first_draws = volumes(1)
+    four, four_draws = volumes(4)
+    assert len(one) == 4 + 3 and len(four) == 4 + 4 * 3
+    assert four_draws[0] == first_draws[0] and len(set(four_draws)) == 4
+
+
 def test_runs_with_other_training_data_never_share_a_phase_folder(tmp_path):
     def dirs(**options):
         flags = {"no_distractors": False, "no_realism_mimics": False, "no_realism_levels": False,
-                 "histogram_standardisation": False, **options}
+                 "histogram_standardisation": False, "realism_real_rounds": 1, **options}
         return tool.phase_dirs(argparse.Namespace(work_dir=tmp_path, **flags))
 
     default = dirs()
@@ -132,6 +154,7 @@ def test_runs_with_other_training_data_never_share_a_phase_folder(tmp_path):
     assert len(realism) == 4 and default["realism"] not in realism
     standardised = dirs(no_distractors=True, histogram_standardisation=True)
     assert all(standardised[phase] not in (default[phase], without_distractors[phase]) for phase in default)
+    assert dirs(realism_real_rounds=4)["realism"] != default["realism"]
 
 
 def test_standardised_volumes_change_in_place_only_for_a_model_with_landmarks():

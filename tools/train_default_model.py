@@ -188,7 +188,8 @@ def with_flair_level(volume: Volume, rng: np.random.Generator) -> Volume:
 def realism_volumes(args: argparse.Namespace, grid, pipeline: list[Volume]) -> list[Volume]:
     """Phase 4's training set: the preprocessed pipeline participants and fresh synthetic volumes (half with FCD,
     half of them with a non-FCD mimic) with real-like FLAIR levels, and one fresh draw of the real brains with
-    implants and mimics. With `--no_realism_mimics` no mimics (the real brains' implant sites are then other draws
+    implants and mimics (`--realism_real_rounds` draws, the later ones from their own generators so the first is
+    the same with or without them). With `--no_realism_mimics` no mimics (the real brains' implant sites are then other draws
     of the same stream); with `--no_realism_levels` every FLAIR at the level it was made at (the last draws)."""
     rng = np.random.default_rng([args.seed, REALISM_STREAM])
     gm, wm, _ = template_tissue_maps(grid)
@@ -198,6 +199,10 @@ def realism_volumes(args: argparse.Namespace, grid, pipeline: list[Volume]) -> l
                      if i % 4 < 2 else v for i, v in enumerate(synthetic)]
     real = real_volumes(grid, args.work_dir / "cache", rng, args.implants_per_brain,
                         mimic_rng=None if args.no_realism_mimics else rng)
+    for round_index in range(1, args.realism_real_rounds):
+        extra_rng = np.random.default_rng([args.seed, REALISM_STREAM, round_index])
+        real += real_volumes(grid, args.work_dir / "cache", extra_rng, args.implants_per_brain,
+                             mimic_rng=None if args.no_realism_mimics else extra_rng)
     if args.no_realism_levels:
         return pipeline + synthetic + real
     return [with_flair_level(v, rng) for v in pipeline + synthetic] + real
@@ -216,7 +221,8 @@ def phase_dirs(args: argparse.Namespace) -> dict[str, Path]:
     already refuses another run's checkpoint (`engine.sample_ids` fingerprints the data), and this way runs with
     other options keep their finished phases side by side instead of overwriting each other's."""
     data = ("_no_distractors" if args.no_distractors else "") + ("_histogram" if args.histogram_standardisation else "")
-    realism = data + ("_no_mimics" if args.no_realism_mimics else "") + ("_no_levels" if args.no_realism_levels else "")
+    realism = (data + ("_no_mimics" if args.no_realism_mimics else "") + ("_no_levels" if args.no_realism_levels else "")
+               + (f"_real{args.realism_real_rounds}" if args.realism_real_rounds > 1 else ""))
     return {"patches": args.work_dir / f"fit{data}", "whole": args.work_dir / f"fit_whole{data}",
             "pipeline": args.work_dir / f"fit_pipeline{data}", "realism": args.work_dir / f"fit_realism{realism}"}
 
@@ -391,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_realism_levels", action="store_true",
                         help="phase 4 without its FLAIR rescaling to real-like levels (candidate 15: keeps the deep "
                              "lesions the rescaling silences, finds fewer implants in real anatomy)")
+    parser.add_argument("--realism_real_rounds", type=int, default=1,
+                        help="phase 4: fresh draws of the real brains with implants (and mimics)")
     parser.add_argument("--histogram_standardisation", action="store_true",
                         help="map every input's in-brain histogram to landmarks of the phase-1 training volumes "
                              "(TorchIO's HistogramStandardization), kept in the model's config and applied in use")
@@ -531,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
                     + ("FCD, no mimics)" if args.no_realism_mimics else "FCD, half of each with a non-FCD mimic)")
                     + ("" if args.no_realism_levels else ", FLAIR rescaled to an in-brain median drawn in "
                        f"{FLAIR_MEDIAN_RANGE[0]}-{FLAIR_MEDIAN_RANGE[1]} (real FLAIR's level)")
-                    + ", and one fresh draw of the real brains with implants"
+                    + (", and one fresh draw" if args.realism_real_rounds == 1
+                       else f", and {args.realism_real_rounds} fresh draws") + " of the real brains with implants"
                     + ("" if args.no_realism_mimics else " and mimics") + f", {args.realism_epochs} epochs"
                     if args.realism_epochs else "none"),
         **({"phases_1_3_from": f"{args.finetune_from} (model {base.get('command', '?')})"} if base else {}),
@@ -548,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
                    + (" --no_realism_mimics" if args.no_realism_mimics else "")
                    + (" --no_realism_levels" if args.no_realism_levels else "")
                    + (" --histogram_standardisation" if args.histogram_standardisation else "")
+                   + (f" --realism_real_rounds {args.realism_real_rounds}" if args.realism_real_rounds > 1 else "")
                    + (f" --device {dist.device.type}" if dist.device.type != "cpu" else ""),
         "device": str(dist.device),
         "voxel_loss_weight": options.voxel_loss_weight,
