@@ -21,13 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bids_fcd.cache import load_or_preprocess
 from bids_fcd.config import DEFAULT_N_PASSES, ModelConfig
 from bids_fcd.evaluate import lesion_case
 from bids_fcd.infer import predict
-from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
+from bids_fcd.lesions import implant_fcd, sample_lesion_params
 from bids_fcd.models import load_checkpoint
-from bids_fcd.synth import template_tissue_maps
 from bids_fcd.template import model_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,20 +37,15 @@ _spec.loader.exec_module(tool)
 def implants(grid, cache_dir: Path, rng: np.random.Generator, per_head: int, gain_scales: list[float]):
     """(head, implant index, gain scale, lesion params, image, brain, lesion) for each training head's implants."""
     territory = tool.neocortical_territory(grid)
-    template_gm, template_wm, _ = template_tissue_maps(grid)
-    for folder, subject in tool.TRAINING_BRAINS:
-        pre = load_or_preprocess(cache_dir, tool.REAL / folder / f"{subject}_T1w.nii.gz",
-                                 tool.REAL / folder / f"{subject}_FLAIR.nii.gz", grid)
-        brain = pre.brain_mask.astype(bool)
-        gm, wm = tissue_probabilities(pre.t1w, brain, template_gm, template_wm, grid.spacing_mm)
-        exclude = bright_lesion_region(pre.flair, brain, grid.spacing_mm)
+    for head in tool.real_heads(grid, cache_dir):
         for index in range(per_head):
-            params = sample_lesion_params(rng, gm, wm, grid.spacing_mm, exclude_mask=exclude,
+            params = sample_lesion_params(rng, head.gm, head.wm, grid.spacing_mm, exclude_mask=head.exclude,
                                           territory_mask=territory)
             for scale in gain_scales:
                 scaled = dataclasses.replace(params, flair_gain=params.flair_gain * scale)
-                t1w, flair, lesion = implant_fcd(pre.t1w, pre.flair, gm, wm, scaled, grid.spacing_mm)
-                yield subject, index, scale, scaled, np.stack([t1w, flair]), brain, lesion
+                t1w, flair, lesion = implant_fcd(head.pre.t1w, head.pre.flair, head.gm, head.wm, scaled,
+                                                 grid.spacing_mm)
+                yield head.subject, index, scale, scaled, np.stack([t1w, flair]), head.brain, lesion
 
 
 def main() -> None:

@@ -55,6 +55,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -101,6 +102,31 @@ def synthetic_volume(rng: np.random.Generator, grid, with_lesion: bool) -> Volum
     return Volume(np.stack([t1w, flair]), brain.astype(bool), lesion, int(with_lesion), "synthetic")
 
 
+class RealHead(NamedTuple):
+    """One allowed real training brain, preprocessed, with what an implant needs: tissue maps and the region to keep
+    clear of (its tumour and oedema)."""
+
+    subject: str
+    pre: object  # preprocess.Preprocessed
+    brain: np.ndarray
+    gm: np.ndarray
+    wm: np.ndarray
+    exclude: np.ndarray
+
+
+def real_heads(grid, cache_dir: Path) -> list[RealHead]:
+    """The allowed real training brains (TRAINING_BRAINS) through the participant level's cached preprocessing."""
+    template_gm, template_wm, _ = template_tissue_maps(grid)
+    heads = []
+    for folder, subject in TRAINING_BRAINS:
+        t1w_path, flair_path = REAL / folder / f"{subject}_T1w.nii.gz", REAL / folder / f"{subject}_FLAIR.nii.gz"
+        pre = load_or_preprocess(cache_dir, t1w_path, flair_path, grid)
+        brain = pre.brain_mask.astype(bool)
+        gm, wm = tissue_probabilities(pre.t1w, brain, template_gm, template_wm, grid.spacing_mm)
+        heads.append(RealHead(subject, pre, brain, gm, wm, bright_lesion_region(pre.flair, brain, grid.spacing_mm)))
+    return heads
+
+
 def real_volumes(grid, cache_dir: Path, rng: np.random.Generator, implants_per_brain: int,
                  mimic_rng: np.random.Generator | None = None) -> list[Volume]:
     """The allowed real brains as they are (label 0) and with FCD-like implants away from the tumour (label 1).
@@ -110,24 +136,19 @@ def real_volumes(grid, cache_dir: Path, rng: np.random.Generator, implants_per_b
     """
     volumes = []
     territory = neocortical_territory(grid)
-    template_gm, template_wm, _ = template_tissue_maps(grid)
-    for folder, subject in TRAINING_BRAINS:
-        t1w_path, flair_path = REAL / folder / f"{subject}_T1w.nii.gz", REAL / folder / f"{subject}_FLAIR.nii.gz"
-        pre = load_or_preprocess(cache_dir, t1w_path, flair_path, grid)
-        brain = pre.brain_mask.astype(bool)
-        gm, wm = tissue_probabilities(pre.t1w, brain, template_gm, template_wm, grid.spacing_mm)
-        exclude = bright_lesion_region(pre.flair, brain, grid.spacing_mm)
-        as_is = Volume(np.stack([pre.t1w, pre.flair]), brain, np.zeros(grid.shape, np.uint8), 0, subject)
+    for head in real_heads(grid, cache_dir):
+        as_is = Volume(np.stack([head.pre.t1w, head.pre.flair]), head.brain, np.zeros(grid.shape, np.uint8), 0,
+                       head.subject)
         volumes.append(as_is)
         if mimic_rng is not None:
-            volumes += [with_mimic(as_is, mimic_rng, gm, wm, grid.spacing_mm, kind) for kind in MIMIC_KINDS]
+            volumes += [with_mimic(as_is, mimic_rng, head.gm, head.wm, grid.spacing_mm, kind) for kind in MIMIC_KINDS]
         for implant_index in range(implants_per_brain):
-            params = sample_lesion_params(rng, gm, wm, grid.spacing_mm, exclude_mask=exclude,
+            params = sample_lesion_params(rng, head.gm, head.wm, grid.spacing_mm, exclude_mask=head.exclude,
                                           territory_mask=territory)
-            t1w, flair, lesion = implant_fcd(pre.t1w, pre.flair, gm, wm, params, grid.spacing_mm)
-            implanted = Volume(np.stack([t1w, flair]), brain, lesion, 1, f"{subject}+implant")
+            t1w, flair, lesion = implant_fcd(head.pre.t1w, head.pre.flair, head.gm, head.wm, params, grid.spacing_mm)
+            implanted = Volume(np.stack([t1w, flair]), head.brain, lesion, 1, f"{head.subject}+implant")
             if mimic_rng is not None and implant_index % 2 == 1:
-                implanted = with_mimic(implanted, mimic_rng, gm, wm, grid.spacing_mm,
+                implanted = with_mimic(implanted, mimic_rng, head.gm, head.wm, grid.spacing_mm,
                                        MIMIC_KINDS[implant_index // 2 % len(MIMIC_KINDS)])
             volumes.append(implanted)
     return volumes
