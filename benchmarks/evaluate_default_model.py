@@ -40,8 +40,11 @@ from bids_fcd.evaluate import (
     auroc,
     band_members,
     bootstrap_ci,
+    FROC_FP_BUDGETS,
     detector_figures,
     detector_figures_ci,
+    froc,
+    froc_case,
     lesion_case,
     lesion_conspicuity,
 )
@@ -114,6 +117,7 @@ def summarise(rows: list[dict], threshold: float) -> dict:
         "saliency_peak_in_lesion": float(np.mean(saliency_hits)) if patients else None,
         "ci95": {**ci95, "saliency_peak_in_lesion": list(saliency_ci) if saliency_ci else None},
         "by_lesion": by_lesion(rows, threshold) if patients else None,
+        "froc": froc(labels, [r["froc"] for r in rows]),
     }
 
 
@@ -139,6 +143,7 @@ def evaluate_synthetic(model_path: Path, work: Path, n: int, seed: int, n_cpus: 
                   if unit.lesion_mask else np.zeros(grid.shape))
         rows.append({"case": unit.name, "person": unit.subject, "label": unit.label, "fcd_probability": prediction["fcd_probability"],
                      "lesion_case": lesion_case(prob, lesion, config.voxel_threshold, min_voxels),
+                     "froc": froc_case(prob, lesion, min_voxels),
                      "saliency_in_lesion": saliency_in_lesion(saliency, lesion) if unit.label else None,
                      "lesion": (lesion_conspicuity(pre.flair, lesion, pre.brain_mask, grid.spacing_mm)
                                 if unit.label else None)})
@@ -175,6 +180,7 @@ def evaluate_real(model_path: Path, work: Path, implants: int, seed: int) -> lis
                          "fcd_probability": prediction.fcd_probability,
                          "lesion_case": lesion_case(prediction.prob_template, lesion, config.voxel_threshold,
                                                     min_voxels),
+                         "froc": froc_case(prediction.prob_template, lesion, min_voxels),
                          "saliency_in_lesion": (saliency_in_lesion(prediction.saliency_template, lesion)
                                                 if label else None),
                          "lesion": lesion_conspicuity(flair, lesion, brain, grid.spacing_mm) if label else None})
@@ -232,6 +238,18 @@ def targets_lines(result: dict) -> str:
     lines.append(f"- real stroke, MS and glioma brains called control: {len(called) - len(fcd_calls)} of {len(called)}"
                  + (f" (called FCD: {', '.join(fcd_calls)})" if fcd_calls else ""))
     return "\n".join(lines)
+
+
+def froc_table(result: dict) -> str:
+    """The best lesion detection any voxel threshold gives within each budget of false-positive clusters per
+    control, for both test sets (`bids_fcd.evaluate.froc`)."""
+    budgets = [f"{budget:g}" for budget in FROC_FP_BUDGETS]
+    rows = ["| test set | " + " | ".join(f"<= {budget} FP per control" for budget in budgets) + " |",
+            "|---" * (len(budgets) + 1) + "|"]
+    for key, name in (("synthetic_full_pipeline", "synthetic"), ("real_anatomy_with_implants", "real anatomy")):
+        within = result[key]["froc"]["detection_within_fp"]
+        rows.append(f"| {name} | " + " | ".join(_fmt(within[budget]) for budget in budgets) + " |")
+    return "\n".join(rows)
 
 
 def misses_table(result: dict) -> str:
@@ -317,6 +335,13 @@ a figure.
 
 {misses_table(result)}
 
+What another voxel threshold could buy (free-response operating characteristic): the best lesion detection of any
+threshold 0.05, 0.10, ..., 0.95 within a budget of false-positive candidate clusters per control, on the same test
+sets (points without intervals; every threshold's pair is in `benchmarks/results/model_card.json`, `froc`). Where
+a row stays low at every budget, the model does not see those lesions and no threshold will find them.
+
+{froc_table(result)}
+
 Real brains with non-FCD lesions, as they are (each should be called control):
 
 | brain | FCD probability | called | candidate clusters |
@@ -382,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                                                        else "control"),
                                             "candidate_clusters": r["lesion_case"]["n_clusters"]}
                                 for r in real_controls},
-        "cases": [{k: v for k, v in r.items()} for r in synthetic_rows + real_rows],
+        # each case's outcome at every voxel threshold is summed up in its test set's "froc"
+        "cases": [{k: v for k, v in r.items() if k != "froc"} for r in synthetic_rows + real_rows],
         "machine": {"platform": platform.platform(), "cpus": args.n_cpus, "torch": torch.__version__},
         "seconds": round(time.time() - started),
     }

@@ -28,6 +28,8 @@ VOXEL_THRESHOLD_RULE = (f"lowest of 0.05, 0.10, ..., 0.95 with at most {MAX_FP_P
                         "off the mask in a patient), which maximises lesion detection within that bound; where none "
                         "meets it, the one with the fewest")
 CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
+# False-positive clusters per control at which `froc` reports the best detection: around the detector's target (0.5)
+FROC_FP_BUDGETS = (0.25, 0.5, 1.0, 2.0)
 # A missed lesion whose map peaks under this inside it was unseen: no voxel threshold or cluster size finds it
 UNSEEN_PEAK = 0.05
 # Lesion-volume bands for "which lesions are missed": about the thirds of the log-uniform 0.5-8 mL range the
@@ -343,6 +345,51 @@ def detector_figures_ci(labels: Sequence[int], probabilities: Sequence[float], c
                                 groups=None if groups is None else np.asarray(groups))
     point = detector_figures(labels, probabilities, list(cases), threshold)
     return {key: entry["ci95"] for key, entry in _with_ci(point, samples, list(point), n_boot).items()}
+
+
+def froc_case(prob: np.ndarray, lesion: np.ndarray, min_voxels: int,
+              thresholds: Sequence[float] = VOXEL_THRESHOLDS) -> dict[str, list]:
+    """One participant's outcome at every voxel threshold: {"detected": [...], "n_clusters": [...]} (detected
+    None for a control), the raw material of `froc`. `lesion` is known here: all zero for a control."""
+    cases = [lesion_case(prob, lesion, threshold, min_voxels) for threshold in thresholds]
+    return {"detected": [case["detected"] for case in cases], "n_clusters": [case["n_clusters"] for case in cases]}
+
+
+def froc(labels: Sequence[int], froc_cases: Sequence[dict], thresholds: Sequence[float] = VOXEL_THRESHOLDS,
+         fp_budgets: Sequence[float] = FROC_FP_BUDGETS) -> dict:
+    """Free-response operating characteristic: lesion detection against false-positive clusters per control at
+    each voxel threshold, and the best detection any threshold gives within each budget of false positives.
+
+    Why: one voxel threshold shows one operating point; a reader choosing how many false candidates to dismiss, or
+    an engineer asking whether a missed lesion is a threshold question or a model question, needs the curve. A
+    flat curve (no threshold finds more) means the model does not see the lesions.
+
+    Args:
+        labels: 1 for a participant with a lesion, 0 for a control, in the order of `froc_cases`.
+        froc_cases: from `froc_case` at `thresholds`.
+
+    Returns:
+        points: [{voxel_threshold, detection_rate, false_positive_clusters_per_control}] (rates None where the
+        test set has no lesion or no control); detection_within_fp: {budget: best detection_rate of the points
+        whose false positives per control are <= budget, None where no point is}.
+    """
+    patients = [case for label, case in zip(labels, froc_cases) if label == 1]
+    controls = [case for label, case in zip(labels, froc_cases) if label == 0]
+    points = []
+    for index, threshold in enumerate(thresholds):
+        points.append({
+            "voxel_threshold": float(threshold),
+            "detection_rate": float(np.mean([bool(c["detected"][index]) for c in patients])) if patients else None,
+            "false_positive_clusters_per_control": (float(np.mean([c["n_clusters"][index] for c in controls]))
+                                                    if controls else None),
+        })
+    within = {}
+    for budget in fp_budgets:
+        rates = [p["detection_rate"] for p in points if p["detection_rate"] is not None
+                 and p["false_positive_clusters_per_control"] is not None
+                 and p["false_positive_clusters_per_control"] <= budget]
+        within[f"{budget:g}"] = max(rates) if rates else None
+    return {"points": points, "detection_within_fp": within}
 
 
 def missed_lesions(detected: Sequence[bool], peaks: Sequence[float]) -> dict:

@@ -307,3 +307,37 @@ def test_missed_lesions_are_split_into_unseen_and_under_the_cut():
     assert missed == {"n": 3, "unseen": 1, "under_the_cut": 2}
     assert all(type(value) is int for value in missed.values())  # json-safe
     assert evaluate.missed_lesions([], []) == {"n": 0, "unseen": 0, "under_the_cut": 0}
+
+
+def test_froc_trades_detection_for_false_positives_and_reports_the_best_within_each_budget():
+    shape = (12, 12, 12)
+    lesion = np.zeros(shape)
+    lesion[2:5, 2:5, 2:5] = 1
+    faint = np.zeros(shape)
+    faint[lesion > 0] = 0.3  # found only by a low threshold
+    noisy_control = np.zeros(shape)
+    noisy_control[8:10, 8:10, 8:10] = 0.2  # one false cluster below 0.25
+    quiet_control = np.zeros(shape)
+    thresholds = (0.1, 0.25, 0.5)
+    cases = [evaluate.froc_case(prob, mask, min_voxels=2, thresholds=thresholds)
+             for prob, mask in ((faint, lesion), (noisy_control, np.zeros(shape)), (quiet_control, np.zeros(shape)))]
+    assert cases[0] == {"detected": [True, True, False], "n_clusters": [1, 1, 0]}
+    assert cases[1] == {"detected": [None, None, None], "n_clusters": [1, 0, 0]}
+    result = evaluate.froc([1, 0, 0], cases, thresholds=thresholds, fp_budgets=(0.0, 0.5, 1.0))
+    assert [p["detection_rate"] for p in result["points"]] == [1.0, 1.0, 0.0]
+    assert [p["false_positive_clusters_per_control"] for p in result["points"]] == [0.5, 0.0, 0.0]
+    assert result["detection_within_fp"] == {"0": 1.0, "0.5": 1.0, "1": 1.0}
+    only_controls = evaluate.froc([0, 0], cases[1:], thresholds=thresholds, fp_budgets=(1.0,))
+    assert only_controls["detection_within_fp"] == {"1": None}
+    assert only_controls["points"][0]["detection_rate"] is None
+
+
+def test_froc_budget_without_a_point_under_it_is_none():
+    shape = (8, 8, 8)
+    control = np.zeros(shape)
+    control[1:3, 1:3, 1:3] = 0.99  # a false cluster at every threshold
+    lesion = np.zeros(shape)
+    lesion[5:7, 5:7, 5:7] = 1
+    cases = [evaluate.froc_case(lesion * 0.99, lesion, 1, (0.5,)), evaluate.froc_case(control, np.zeros(shape), 1, (0.5,))]
+    assert evaluate.froc([1, 0], cases, thresholds=(0.5,), fp_budgets=(0.5, 1.0))["detection_within_fp"] == {
+        "0.5": None, "1": 1.0}
