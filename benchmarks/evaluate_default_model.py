@@ -35,12 +35,12 @@ from bids_fcd.cache import load_or_preprocess
 from bids_fcd.cli import main as run_app
 from bids_fcd.config import DEFAULT_N_PASSES
 from bids_fcd.evaluate import (
+    FROC_FP_BUDGETS,
     LESION_EDGE_DISTANCE_EDGES_MM,
     LESION_VOLUME_EDGES_ML,
     auroc,
     band_members,
     bootstrap_ci,
-    FROC_FP_BUDGETS,
     detector_figures,
     detector_figures_ci,
     froc,

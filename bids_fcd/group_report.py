@@ -82,6 +82,9 @@ def metric_rows(metrics: dict) -> list[list[str]]:
             for band, entry in section[key].items():
                 rows.append([title, f"lesion detection_rate, {measure} {band}",
                              f"{_fmt(entry['detection_rate'])} (n = {entry['n']})"])
+        for budget, best in section.get("froc", {}).get("detection_within_fp", {}).items():
+            metric = f"lesion detection_rate within {budget} false positives per control (best voxel threshold)"
+            rows.append([title, metric, _fmt(best)])
         missed = section["missed_lesions"]
         rows.append([title, f"lesions missed: unseen (map peak < {UNSEEN_PEAK:g} inside) / under the cut",
                      f"{missed['unseen']} / {missed['under_the_cut']}"])
@@ -279,10 +282,38 @@ def audit_figure(summary: GroupSummary, figures: Path) -> tuple[str, Path]:
     return "Shortcut audit", _save(fig, figures / "shortcut_audit.png")
 
 
+def froc_figure(summary: GroupSummary, figures: Path) -> tuple[str, Path]:
+    """Lesion detection against false-positive candidates per control at every voxel threshold (metrics' froc),
+    the shipped voxel threshold marked: what a lower or higher cut would buy and cost."""
+    fig, ax = _figure(figsize=(5, 5))
+    chosen = summary.config.voxel_threshold
+    for key, name in (("cross_validation", "out-of-fold"), ("test", "test set")):
+        points = [p for p in summary.metrics.get(key, {}).get("froc", {}).get("points", [])
+                  if p["detection_rate"] is not None and p["false_positive_clusters_per_control"] is not None]
+        if not points:
+            continue
+        line = ax.plot([p["false_positive_clusters_per_control"] for p in points],
+                       [p["detection_rate"] for p in points], marker=".", label=name)[0]
+        at_chosen = [p for p in points if np.isclose(p["voxel_threshold"], chosen)]
+        if at_chosen:
+            ax.plot(at_chosen[0]["false_positive_clusters_per_control"], at_chosen[0]["detection_rate"], marker="*",
+                    markersize=14, color=line.get_color(), linestyle="none",
+                    label=f"{name} at voxel threshold {chosen:.2f}")
+    if not ax.lines:
+        ax.text(0.5, 0.5, "needs controls and lesion masks", ha="center", va="center", transform=ax.transAxes)
+    most = max((x for line in ax.lines for x in line.get_xdata()), default=0.0)
+    ax.set(xlabel="false-positive candidates per control", ylabel="lesion detection rate", ylim=(0, 1.02),
+           xlim=(0, max(1.0, 1.05 * most)), title="Lesion detection against false candidates (FROC)")
+    if ax.lines:
+        ax.legend(loc="lower right", fontsize=8)
+    return "Lesion detection against false-positive candidates per control, every voxel threshold (FROC)", _save(
+        fig, figures / "froc.png")
+
+
 def make_figures(summary: GroupSummary, figures: Path) -> list[tuple[str, Path]]:
     items = roc_pr_figures(summary, figures)
-    for make in (confusion_figure, calibration_figure, probability_figure, training_figure, cohort_figure,
-                 embedding_figure, audit_figure):
+    for make in (froc_figure, confusion_figure, calibration_figure, probability_figure, training_figure,
+                 cohort_figure, embedding_figure, audit_figure):
         items.append(make(summary, figures))
     return items
 

@@ -435,6 +435,22 @@ def known_lesion(sample: Sample) -> np.ndarray | None:
     return np.zeros(sample.brain_mask.shape, dtype=bool) if sample.label == 0 else None
 
 
+def lesion_froc(run: GroupRun, predicted: Predicted) -> dict:
+    """`evaluate.froc` over `predicted`'s controls and patients with a lesion mask: the detection another voxel
+    threshold would give for the false candidates it would cost, beside the one threshold the model ships with."""
+    from bids_fcd.evaluate import froc, froc_case
+
+    labels, cases = [], []
+    for j, i in enumerate(predicted.indices):
+        lesion = known_lesion(run.samples[i])
+        has_lesion = lesion is not None and bool((lesion >= 0.5).any())
+        if lesion is None or bool(run.samples[i].label) != has_lesion:  # unknown, or a patient's empty mask
+            continue
+        labels.append(int(has_lesion))
+        cases.append(froc_case(predicted.maps[j].astype(np.float32), lesion, run.config.min_cluster_voxels))
+    return froc(labels, cases)
+
+
 def prediction_rows(run: GroupRun, predicted: Predicted, fold_of: list[str], subject_threshold: float,
                     voxel_threshold: float) -> list[dict]:
     """One predictions.tsv row per sample of `predicted`, with its lesion localisation outcome and, where the
@@ -560,8 +576,10 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
                    "n_train": len(plan.fold_indices(k)[0]), "n_val": len(plan.fold_indices(k)[1])}
                   for k, r in enumerate(run.folds)],
     }
+    metrics["cross_validation"]["froc"] = lesion_froc(run, oof)
     if plan.test_honoured:
-        metrics["test"] = cohort_metrics(test_rows, subject_threshold, N_BOOTSTRAP, args.seed)
+        metrics["test"] = {**cohort_metrics(test_rows, subject_threshold, N_BOOTSTRAP, args.seed),
+                           "froc": lesion_froc(run, test)}
     elif plan.official_test.any():
         official = cv_rows[cv_rows["split"] == "test"]
         metrics["official_test_patients"] = {

@@ -36,7 +36,8 @@ EXPECTED = ["folds.tsv", "model.pt", "model.json", "predictions.tsv", "metrics.j
             "fold-0/checkpoint_latest.pt", "fold-1/log.tsv", "fold-1/checkpoint_best.pt", "final/log.tsv",
             "final/checkpoint_latest.pt", "figures/roc.png", "figures/pr.png", "figures/confusion.png",
             "figures/training_curves.png", "figures/cohort.png", "figures/embeddings.png",
-            "figures/shortcut_audit.png", "figures/probabilities.png", "figures/calibration.png"]
+            "figures/shortcut_audit.png", "figures/probabilities.png", "figures/calibration.png",
+            "figures/froc.png"]
 
 
 def run_group(bids: Path, out: Path, start: Path, *extra: str) -> int:
@@ -191,6 +192,17 @@ def test_metrics_have_confidence_intervals_sites_and_the_audit(group_run):
     assert list(by_depth) == evaluate.band_labels(evaluate.LESION_EDGE_DISTANCE_EDGES_MM, "mm")
     assert sum(band["n"] for band in by_depth.values()) == len(cv_patients)
     assert "test" in metrics and metrics["protocol"]["test_set"]
+    cv_controls = table[(table["fold"] != "test") & (table["label"] == "control")]
+    for section, patients, controls in ((cv, cv_patients, cv_controls),
+                                        (metrics["test"], *(table[(table["fold"] == "test") & (table["label"] == label)]
+                                                            for label in ("fcd", "control")))):
+        points = section["froc"]["points"]
+        assert [p["voxel_threshold"] for p in points] == list(evaluate.VOXEL_THRESHOLDS)
+        # at the shipped voxel threshold the curve is the predictions table's own detection and false candidates
+        at_cut = next(p for p in points if p["voxel_threshold"] == metrics["protocol"]["voxel_threshold"])
+        assert at_cut["detection_rate"] == pytest.approx(patients["lesion_detected"].astype(bool).mean())
+        assert at_cut["false_positive_clusters_per_control"] == pytest.approx(controls["n_clusters"].mean())
+        assert set(section["froc"]["detection_within_fp"]) == {f"{b:g}" for b in evaluate.FROC_FP_BUDGETS}
     assert metrics["shortcut_audit"]["best"]["auroc"] is not None
     assert "harmonise" in metrics["harmonisation"] and metrics["cohort"]["n_fcd"] == N_PARTICIPANTS // 2
     assert [f["fold"] for f in metrics["folds"]] == [0, 1]
@@ -212,7 +224,7 @@ def test_model_card_and_report_link_existing_figures(group_run):
     assert "Research use only" in card and "Shortcut audit" in card and "AUROC" in card
     page = (out / "group" / "report.html").read_text()
     links = re.findall(r'src="([^"]+)"', page)
-    assert len(links) == 9 and all((out / "group" / link).stat().st_size > 2000 for link in links)
+    assert len(links) == 10 and all((out / "group" / link).stat().st_size > 2000 for link in links)
     for section in ("Shortcut audit", "Harmonisation", "Cohort", "Metrics"):
         assert section in page
 
