@@ -4,7 +4,8 @@
   participant-level preprocessing, in parallel processes, for those not cached yet) and maps its lesion mask
   to the model grid. Arrays are held in memory: a (2, 112, 128, 112) float32 volume is 13 MB, ds004199 ~3 GB.
 - `mimic_copies` makes, for a share of the cross-validation participants, a copy with a non-FCD lesion (MS-like
-  plaques, infarct, glioma) that trains beside the original in its fold, labels unchanged (another 13 MB each).
+  plaques, infarct, glioma) that trains beside the original in its fold, labels unchanged (another 13 MB each);
+  `implant_copies`, for a share of the cross-validation controls, a copy with a simulated FCD lesion, labelled FCD.
 - `plan_splits` makes subject-level stratified folds (by label and site/acquisition), keeps a participant's
   sessions together, and honours participants.tsv's `split` when its test part holds both classes.
 - Augmentation comes in two forms. On the CPU, TorchIO per volume in the DataLoader workers
@@ -190,6 +191,51 @@ def mimic_copies(samples: list[Sample], indices: np.ndarray, fraction: float, se
     return copies
 
 
+def implant_copies(samples: list[Sample], indices: np.ndarray, fraction: float, seed: int, grid: Grid,
+                   channels: tuple[str, ...]) -> dict[int, Sample]:
+    """{sample index: a copy of that control with one simulated FCD type II lesion (`bids_fcd.lesions`, as the
+    shipped model was trained on), labelled FCD with the lesion as its mask} for a `fraction` of the controls at
+    `indices`. Needs T1w and FLAIR channels; {} without them or at fraction 0. A control with no room for a lesion
+    (no grey/white junction in the neocortical territory, away from FLAIR-bright tissue) gets none.
+
+    Why: the shipped model learnt FCD in template anatomy and two real heads; on real anatomy from scanners it never
+    saw it finds far fewer implanted lesions (MODEL_CARD.md). The cohort's own controls carry its scanners' real
+    anatomy and contrast, so lesions implanted there teach FCD in that anatomy, with no lesion masks drawn, and give
+    a cohort with few patients lesions to learn from. A copy joins only the training set of its participant's fold.
+    """
+    from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
+    from bids_fcd.synth import neocortical_territory, template_tissue_maps
+
+    if fraction <= 0 or not {"T1w", "FLAIR"} <= set(channels):
+        return {}
+    t1w_channel, flair_channel = channels.index("T1w"), channels.index("FLAIR")
+    eligible = [int(i) for i in indices if samples[i].label == 0]
+    chosen = np.random.default_rng([seed, 37]).permutation(eligible)[:round(fraction * len(eligible))]
+    template_gm, template_wm, _ = template_tissue_maps(grid)
+    territory = neocortical_territory(grid)
+    copies = {}
+    for index in sorted(int(i) for i in chosen):
+        sample = samples[index]
+        t1w, flair = sample.image[t1w_channel], sample.image[flair_channel]
+        gm, wm = tissue_probabilities(t1w, sample.brain_mask, template_gm, template_wm, grid.spacing_mm)
+        try:
+            params = sample_lesion_params(np.random.default_rng([seed, 37, index]), gm, wm, grid.spacing_mm,
+                                          exclude_mask=bright_lesion_region(flair, sample.brain_mask,
+                                                                            grid.spacing_mm),
+                                          territory_mask=territory)
+        except ValueError as err:
+            log.warning("%s: no simulated FCD copy (%s)", sample.unit.name, err)
+            continue
+        new_t1w, new_flair, lesion = implant_fcd(t1w, flair, gm, wm, params, grid.spacing_mm)
+        image = sample.image.copy()
+        inside = sample.brain_mask.astype(bool)  # the model reads nothing outside the brain: keep it as it was
+        image[t1w_channel] = np.where(inside, new_t1w, t1w)
+        image[flair_channel] = np.where(inside, new_flair, flair)
+        copies[index] = Sample(replace(sample.unit, label=1), image, sample.brain_mask,
+                               (lesion.astype(bool) & inside).astype(np.float16), sample.site)
+    return copies
+
+
 def as_model_input(samples: list[Sample], config: ModelConfig) -> list[Sample]:
     """The samples as `config`'s network reads them (`preprocess.model_input`: histogram-standardised when the
     model was trained so); the same samples otherwise. After `mimic_copies`, which works on normalised intensities."""
@@ -200,9 +246,10 @@ def as_model_input(samples: list[Sample], config: ModelConfig) -> list[Sample]:
     return [replace(s, image=model_input(s.image, s.brain_mask, config)) for s in samples]
 
 
-def with_copies(samples: list[Sample], indices: np.ndarray, copies: dict[int, Sample]) -> list[Sample]:
-    """The samples at `indices`, then the mimic copies of those of them that have one."""
-    return [samples[i] for i in indices] + [copies[i] for i in indices if i in copies]
+def with_copies(samples: list[Sample], indices: np.ndarray, *copy_sets: dict[int, Sample]) -> list[Sample]:
+    """The samples at `indices`, then, for each set of copies (mimics, implants), the copies of those of them that
+    have one."""
+    return [samples[i] for i in indices] + [copies[i] for copies in copy_sets for i in indices if i in copies]
 
 
 # --- splits -------------------------------------------------------------------------------------------------

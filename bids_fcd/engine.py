@@ -86,6 +86,8 @@ class TrainOptions:
     # share of the training participants that also train as a copy with a non-FCD mimic (`data.mimic_copies`,
     # made before `fit`); here so that resume and the model's record see it
     mimic_fraction: float = 0.0
+    # share of the training controls that also train as a copy with a simulated FCD lesion (`data.implant_copies`)
+    implant_fraction: float = 0.0
     seed: int = 0
     n_workers: int = 0  # DataLoader worker processes (CPU augmentation runs in them)
 

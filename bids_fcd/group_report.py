@@ -444,6 +444,7 @@ or scanners unlike the training data.
 - Options: `{config.training['options']}`.
 - Final model: {protocol['final_model']}.
 - Non-FCD lesion mimics: {protocol['mimic_copies']}.
+- Simulated FCD lesions: {protocol['implant_copies']}.
 - Subject threshold: {protocol['threshold_rule']}.{_threshold_spread(protocol)}
   Voxel threshold: {protocol['voxel_threshold_rule']}.
 

@@ -39,6 +39,7 @@ from bids_fcd.data import (
     Sample,
     SplitPlan,
     as_model_input,
+    implant_copies,
     mimic_copies,
     plan_splits,
     prepare_samples,
@@ -75,7 +76,7 @@ def training_options(args: argparse.Namespace, fine_tune: bool) -> TrainOptions:
         grad_accum_steps=args.grad_accum_steps, patience=args.patience,
         mixed_precision=args.mixed_precision, deterministic=args.deterministic,
         augmentation=args.augmentation, pretrain_epochs=args.pretrain_epochs or 0,
-        mimic_fraction=args.mimic_fraction, seed=args.seed,
+        mimic_fraction=args.mimic_fraction, implant_fraction=args.implant_fraction, seed=args.seed,
         n_workers=min(4, args.n_cpus // 2),
     )
 
@@ -321,22 +322,31 @@ def _group_level(args: argparse.Namespace, units: list[Participant], label_spec:
         log.warning("non-FCD mimics: none made (--mimic_fraction %.2g): they need T1w and FLAIR channels (the "
                     "model has %s) and controls or patients with a lesion mask", options.mimic_fraction,
                     ", ".join(config.channels))
+    implants = implant_copies(samples, plan.cv_indices, options.implant_fraction, args.seed, grid, config.channels)
+    if implants:
+        log.info("simulated FCD: %d control(s) also train as a copy with an implanted FCD-like lesion, labelled FCD "
+                 "(--implant_fraction %.2g), in their own fold's training set only", len(implants),
+                 options.implant_fraction)
+    elif options.implant_fraction > 0:
+        log.warning("simulated FCD: none made (--implant_fraction %.2g): it needs T1w and FLAIR channels (the model "
+                    "has %s) and controls", options.implant_fraction, ", ".join(config.channels))
     samples = as_model_input(samples, config)
     copies = dict(zip(copies, as_model_input(list(copies.values()), config)))
+    implants = dict(zip(implants, as_model_input(list(implants.values()), config)))
     results: list[FitResult] = []
     for k in range(plan.n_folds):
         train_idx, val_idx = plan.fold_indices(k)
-        _, result = train_one(config, state, with_copies(samples, train_idx, copies), [samples[i] for i in val_idx],
-                              options, group_dir / f"fold-{k}", k, dist)
+        _, result = train_one(config, state, with_copies(samples, train_idx, copies, implants),
+                              [samples[i] for i in val_idx], options, group_dir / f"fold-{k}", k, dist)
         results.append(result)
-    refit_samples = with_copies(samples, plan.cv_indices, copies)
+    refit_samples = with_copies(samples, plan.cv_indices, copies, implants)
     final_model, final = final_network(args.final_model, config, state, refit_samples, plan, results, options,
                                        group_dir, dist)
     if not dist.is_main:
         return exit_codes.EXIT_OK
 
     finish_group(GroupRun(args, label_spec, config, samples, plan, results, final, failed, options,
-                          dist.device, len(copies)), final_model)
+                          dist.device, len(copies), len(implants)), final_model)
     return exit_codes.EXIT_PARTICIPANT_FAILED if failed else exit_codes.EXIT_OK
 
 
@@ -353,7 +363,7 @@ def final_network(kind: str, config: ModelConfig, state: dict | None, refit_samp
                   plan: SplitPlan, folds: list[FitResult], options: TrainOptions, group_dir: Path,
                   dist: DistContext) -> tuple[torch.nn.Module, FinalModel]:
     """The model written as group/model.pt: a refit on `refit_samples` (every cross-validation unit and their
-    mimic copies), or the folds' ensemble."""
+    mimic and implant copies), or the folds' ensemble."""
     from bids_fcd.models import ensemble_of
 
     if kind == "fold_ensemble":
@@ -389,6 +399,7 @@ class GroupRun:
     options: TrainOptions
     device: torch.device
     n_mimic_copies: int = 0
+    n_implant_copies: int = 0
 
     @property
     def group_dir(self) -> Path:
@@ -564,6 +575,9 @@ def finish_group(run: GroupRun, final_model: torch.nn.Module) -> None:
             "final_model": run.final.description,
             "mimic_copies": f"{run.n_mimic_copies} cross-validation participant(s) also trained as a copy with a "
                             f"non-FCD lesion (--mimic_fraction {run.options.mimic_fraction:g}), in their own fold only",
+            "implant_copies": f"{run.n_implant_copies} cross-validation control(s) also trained as a copy with a "
+                              f"simulated FCD lesion, labelled FCD (--implant_fraction "
+                              f"{run.options.implant_fraction:g}), in their own fold only",
             "predictions": f"infer.predict with {args.n_passes} pass(es), as the participant level"},
         "cohort": {"n_units": len(samples), "n_participants": len({s.participant_id for s in samples}),
                    "n_fcd": int(run.labels.sum()), "n_control": int((run.labels == 0).sum()),

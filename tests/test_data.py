@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from bids_fcd import data
 from bids_fcd.inputs import Participant
@@ -238,6 +239,29 @@ def test_mimic_copies_change_the_brain_of_controls_and_lesion_masked_patients_on
     assert len(half) == round(0.5 * len(eligible)) and set(half) <= set(eligible)
     assert data.mimic_copies(samples, np.arange(8), 0.0, 0, TINY_GRID, ("T1w", "FLAIR")) == {}
     assert data.mimic_copies(samples, np.arange(8), 1.0, 0, TINY_GRID, ("T1w",)) == {}
+
+
+def test_implant_copies_give_chosen_controls_a_simulated_fcd_lesion_labelled_fcd():
+    samples = tiny_samples(8)
+    controls = [i for i, s in enumerate(samples) if s.label == 0]
+    copies = data.implant_copies(samples, np.arange(8), 1.0, 0, TINY_GRID, ("T1w", "FLAIR"))
+    assert sorted(copies) == controls  # patients already have their lesion
+    for index, copy in copies.items():
+        original = samples[index]
+        assert copy.label == 1 and original.label == 0 and copy.unit.subject == original.unit.subject
+        assert copy.site == original.site and copy.brain_mask is original.brain_mask
+        lesion = copy.lesion >= 0.5
+        assert lesion.any() and not (lesion & ~original.brain_mask).any()
+        changed = np.abs(copy.image - original.image).max(axis=0) > 1e-6
+        near = ndimage.distance_transform_edt(~lesion) <= 3  # the lesion's soft edge and blurred junction
+        assert changed.any() and not (changed & ~(near & original.brain_mask)).any(), index
+        assert copy.image[1][lesion].mean() > original.image[1][lesion].mean()  # FLAIR-bright, as FCD type II
+    again = data.implant_copies(samples, np.arange(8), 1.0, 0, TINY_GRID, ("T1w", "FLAIR"))
+    assert all(np.array_equal(again[i].image, copies[i].image) for i in copies)
+    half = data.implant_copies(samples, np.arange(8), 0.5, 0, TINY_GRID, ("T1w", "FLAIR"))
+    assert len(half) == round(0.5 * len(controls)) and set(half) <= set(controls)
+    assert data.implant_copies(samples, np.arange(8), 0.0, 0, TINY_GRID, ("T1w", "FLAIR")) == {}
+    assert data.implant_copies(samples, np.arange(8), 1.0, 0, TINY_GRID, ("T1w",)) == {}
 
 
 def test_with_copies_adds_the_copies_of_the_chosen_samples_only():

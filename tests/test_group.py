@@ -454,6 +454,41 @@ def test_mimic_copies_train_only_in_their_own_participants_folds(tmp_path, start
     assert protocol["mimic_copies"] in (out / "group" / "MODEL_CARD.md").read_text()
 
 
+def test_implant_copies_train_as_fcd_only_in_their_own_controls_folds(tmp_path, starting_model, monkeypatch):
+    from bids_fcd import train
+
+    trained = {}  # fold id -> [(participant, label)] of the training set, validation participants
+
+    def recording_train_one(config, state, train_samples, val_samples, options, out_dir, fold_id, dist, **kw):
+        trained[fold_id] = ([(s.participant_id, s.label) for s in train_samples],
+                            [s.participant_id for s in val_samples])
+        return real_train_one(config, state, train_samples, val_samples, options, out_dir, fold_id, dist, **kw)
+
+    real_train_one = train.train_one
+    monkeypatch.setattr(train, "train_one", recording_train_one)
+    bids = write_tiny_bids(tmp_path / "bids", 8)
+    out = tmp_path / "out"
+    assert run_group(bids, out, starting_model, "--epochs", "1", "--mimic_fraction", "0",
+                     "--implant_fraction", "1") == 0
+    folds = pd.read_csv(out / "group" / "folds.tsv", sep="\t", dtype=str)
+    cv = folds[folds["fold"] != "test"]
+    controls = set(cv[cv["label"] == "0"]["participant_id"])
+    n_copies = 0
+    for fold_id, (train_rows, val_ids) in trained.items():
+        ids = [pid for pid, _ in train_rows]
+        copies = [pid for pid in set(ids) if ids.count(pid) == 2]
+        assert not set(val_ids) & set(ids), fold_id  # a copy trains only in its participant's own fold
+        assert all(sorted(label for pid, label in train_rows if pid == c) == [0, 1] for c in copies), fold_id
+        assert set(copies) == controls & set(ids), fold_id  # every training control, and no patient
+        n_copies += len(copies)
+    assert n_copies > 0
+    _, config = load_checkpoint(out / "group" / "model.pt")
+    assert config.training["options"]["implant_fraction"] == 1.0
+    protocol = json.loads((out / "group" / "metrics.json").read_text())["protocol"]
+    assert protocol["implant_copies"].startswith(f"{n_copies // 2} cross-validation control")  # a fold and the refit
+    assert protocol["implant_copies"] in (out / "group" / "MODEL_CARD.md").read_text()
+
+
 def test_pretrain_epochs_pretrains_each_folds_encoder(tmp_path, starting_model):
     bids = write_tiny_bids(tmp_path / "bids", 6)
     out = tmp_path / "out"
