@@ -103,8 +103,9 @@ def build_parser() -> Parser:
                             "fine-tuning does not learn 'bright on FLAIR is FCD' (default: 0.5; 0: none)")
     group.add_argument("--implant_fraction", type=fraction, default=0.0, metavar="F",
                        help="share of the training controls that also train as a copy with a simulated FCD type II "
-                            "lesion implanted in their own anatomy, labelled FCD: adapts the model to the cohort's "
-                            "scanners without drawing masks (default: 0, none)")
+                            "lesion implanted in their own anatomy, labelled FCD, meant to adapt the model to the "
+                            "cohort's scanners without drawing masks; not yet shown to help (README) (default: 0, "
+                            "none)")
     group.add_argument("--grad_accum_steps", type=positive_int, default=1, metavar="N",
                        help="batches per optimizer step (gradient accumulation; default: 1)")
     group.add_argument("--patience", type=positive_int, default=10, metavar="N",

@@ -200,8 +200,9 @@ def implant_copies(samples: list[Sample], indices: np.ndarray, fraction: float, 
 
     Why: the shipped model learnt FCD in template anatomy and two real heads; on real anatomy from scanners it never
     saw it finds far fewer implanted lesions (MODEL_CARD.md). The cohort's own controls carry its scanners' real
-    anatomy and contrast, so lesions implanted there teach FCD in that anatomy, with no lesion masks drawn, and give
-    a cohort with few patients lesions to learn from. A copy joins only the training set of its participant's fold.
+    anatomy and contrast with no lesion masks to draw, and a cohort with few patients gets lesions to learn from.
+    Not yet shown to help: on the two real heads allowed here this design left detection in those heads unchanged
+    (benchmarks/results/model_candidates.md). A copy joins only the training set of its participant's fold.
     """
     from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
     from bids_fcd.synth import neocortical_territory, template_tissue_maps
