@@ -314,25 +314,15 @@ def _group_level(args: argparse.Namespace, units: list[Participant], label_spec:
              f", {len(plan.test_indices)} in the test set" if plan.test_honoured else "", len(failed))
 
     copies = mimic_copies(samples, plan.cv_indices, options.mimic_fraction, args.seed, grid, config.channels)
-    if copies:
-        log.info("non-FCD mimics: %d participant(s) also train as a copy with an MS-like, infarct or glioma "
-                 "lesion (--mimic_fraction %.2g), in their own fold's training set only", len(copies),
-                 options.mimic_fraction)
-    elif options.mimic_fraction > 0:
-        log.warning("non-FCD mimics: none made (--mimic_fraction %.2g): they need T1w and FLAIR channels (the "
-                    "model has %s) and controls or patients with a lesion mask", options.mimic_fraction,
-                    ", ".join(config.channels))
     implants = implant_copies(samples, plan.cv_indices, options.implant_fraction, args.seed, grid, config.channels)
-    if implants:
-        log.info("simulated FCD: %d control(s) also train as a copy with an implanted FCD-like lesion, labelled FCD "
-                 "(--implant_fraction %.2g), in their own fold's training set only", len(implants),
-                 options.implant_fraction)
-    elif options.implant_fraction > 0:
-        log.warning("simulated FCD: none made (--implant_fraction %.2g): it needs T1w and FLAIR channels (the model "
-                    "has %s) and controls", options.implant_fraction, ", ".join(config.channels))
+    # copies are made on normalised intensities, then read as the network reads every sample
+    copies = as_model_copies(copies, config, "non-FCD mimics", "participant(s) also train as a copy with an MS-like, "
+                             "infarct or glioma lesion", "--mimic_fraction", options.mimic_fraction,
+                             "controls or patients with a lesion mask")
+    implants = as_model_copies(implants, config, "simulated FCD", "control(s) also train as a copy with an implanted "
+                               "FCD-like lesion, labelled FCD", "--implant_fraction", options.implant_fraction,
+                               "controls")
     samples = as_model_input(samples, config)
-    copies = dict(zip(copies, as_model_input(list(copies.values()), config)))
-    implants = dict(zip(implants, as_model_input(list(implants.values()), config)))
     results: list[FitResult] = []
     for k in range(plan.n_folds):
         train_idx, val_idx = plan.fold_indices(k)
@@ -348,6 +338,19 @@ def _group_level(args: argparse.Namespace, units: list[Participant], label_spec:
     finish_group(GroupRun(args, label_spec, config, samples, plan, results, final, failed, options,
                           dist.device, len(copies), len(implants)), final_model)
     return exit_codes.EXIT_PARTICIPANT_FAILED if failed else exit_codes.EXIT_OK
+
+
+def as_model_copies(copies: dict[int, Sample], config: ModelConfig, kind: str, made: str, option: str,
+                    fraction: float, eligible: str) -> dict[int, Sample]:
+    """`copies` as the network reads them (`data.as_model_input`), after logging how many were made or, at a
+    positive `fraction`, why none were (`eligible`: which participants can hold one)."""
+    if copies:
+        log.info("%s: %d %s (%s %.2g), in their own fold's training set only", kind, len(copies), made, option,
+                 fraction)
+    elif fraction > 0:
+        log.warning("%s: none made (%s %.2g): they need T1w and FLAIR channels (the model has %s) and %s", kind,
+                    option, fraction, ", ".join(config.channels), eligible)
+    return dict(zip(copies, as_model_input(list(copies.values()), config)))
 
 
 @dataclass
