@@ -150,13 +150,25 @@ def evaluate_synthetic(model_path: Path, work: Path, n: int, seed: int, n_cpus: 
     return rows
 
 
+def head_implants(pre, grid, rng: np.random.Generator, n: int, avoid_own: bool):
+    """(params, t1w, flair, lesion) for `n` FCD-like implants drawn from `rng` into a preprocessed head, along its
+    own tissue maps (its T1w weighted by the template's), in the neocortical territory and, with `avoid_own`, at
+    least 10 mm from its own FLAIR-bright lesion (`bright_lesion_region`)."""
+    template_gm, template_wm, _ = template_tissue_maps(grid)
+    brain = pre.brain_mask.astype(bool)
+    gm, wm = tissue_probabilities(pre.t1w, brain, template_gm, template_wm, grid.spacing_mm)
+    own_lesion = bright_lesion_region(pre.flair, brain, grid.spacing_mm) if avoid_own else None
+    territory = neocortical_territory(grid)
+    for _ in range(n):
+        params = sample_lesion_params(rng, gm, wm, grid.spacing_mm, exclude_mask=own_lesion, territory_mask=territory)
+        yield (params, *implant_fcd(pre.t1w, pre.flair, gm, wm, params, grid.spacing_mm))
+
+
 def evaluate_real(model_path: Path, work: Path, implants: int, seed: int) -> list[dict]:
     """Unseen real brains as they are (controls) and with implanted FCD-like lesions (patients)."""
     model, config = load_checkpoint(model_path)
     grid = model_grid(config.grid_spacing_mm, config.grid_shape)
     min_voxels = config.min_cluster_voxels
-    territory = neocortical_territory(grid)
-    template_gm, template_wm, _ = template_tissue_maps(grid)
     rng = np.random.default_rng(seed)
     device = torch.device("cpu")
     rows = []
@@ -164,13 +176,8 @@ def evaluate_real(model_path: Path, work: Path, implants: int, seed: int) -> lis
         pre = load_or_preprocess(work / "real_cache", REAL / folder / t1w_name, REAL / folder / flair_name, grid,
                                  n_threads=2)
         brain = pre.brain_mask.astype(bool)
-        gm, wm = tissue_probabilities(pre.t1w, brain, template_gm, template_wm, grid.spacing_mm)
-        own_lesion = bright_lesion_region(pre.flair, brain, grid.spacing_mm)
         cases = [("as is", pre.t1w, pre.flair, np.zeros(grid.shape, np.uint8), 0)]
-        for index in range(implants):
-            params = sample_lesion_params(rng, gm, wm, grid.spacing_mm, exclude_mask=own_lesion,
-                                          territory_mask=territory)
-            t1w, flair, lesion = implant_fcd(pre.t1w, pre.flair, gm, wm, params, grid.spacing_mm)
+        for index, (_, t1w, flair, lesion) in enumerate(head_implants(pre, grid, rng, implants, avoid_own=True)):
             cases.append((f"implant {index + 1}", t1w, flair, lesion, 1))
         for what, t1w, flair, lesion, label in cases:
             prediction = predict(model, config, np.stack([t1w, flair]), brain, device, n_passes=DEFAULT_N_PASSES,

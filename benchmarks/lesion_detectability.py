@@ -42,9 +42,8 @@ from bids_fcd.config import DEFAULT_N_PASSES
 from bids_fcd.evaluate import CONNECTIVITY, FROC_FP_BUDGETS, VOXEL_THRESHOLDS, froc, froc_case
 from bids_fcd.infer import predict
 from bids_fcd.inputs import discover
-from bids_fcd.lesions import bright_lesion_region, implant_fcd, sample_lesion_params, tissue_probabilities
 from bids_fcd.models import load_checkpoint
-from bids_fcd.synth import neocortical_territory, template_tissue_maps
+from bids_fcd.synth import neocortical_territory
 from bids_fcd.template import model_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,19 +93,6 @@ def filter_outcome(before: np.ndarray, after: np.ndarray, brain: np.ndarray, can
     return float(lesion_z), false_positives
 
 
-def head_implants(pre, grid, rng: np.random.Generator, n: int, exclude: bool):
-    """`n` implants drawn as the model card's benchmark draws them into a preprocessed head."""
-    template_gm, template_wm, _ = template_tissue_maps(grid)
-    brain = pre.brain_mask.astype(bool)
-    gm, wm = tissue_probabilities(pre.t1w, brain, template_gm, template_wm, grid.spacing_mm)
-    own_lesion = bright_lesion_region(pre.flair, brain, grid.spacing_mm) if exclude else None
-    territory = neocortical_territory(grid)
-    for _ in range(n):
-        params = sample_lesion_params(rng, gm, wm, grid.spacing_mm, exclude_mask=own_lesion, territory_mask=territory)
-        t1w, flair, lesion = implant_fcd(pre.t1w, pre.flair, gm, wm, params, grid.spacing_mm)
-        yield params, np.stack([pre.t1w, pre.flair]), np.stack([t1w, flair]), brain, lesion
-
-
 def model_froc_case(model, config, channels: np.ndarray, brain: np.ndarray, lesion: np.ndarray, seed: int) -> dict:
     """The model's outcome at every voxel threshold, its map made as the participant level makes it (the card's
     benchmark seeds the dropout passes with its seed)."""
@@ -118,12 +104,13 @@ def measure(name: str, pre, grid, rng, n: int, exclude: bool, sigma_vox: float, 
             seed: int) -> list[dict]:
     """The head as it is (label 0: the model's false positives) and `n` implants (label 1), each judged by the
     model and by the known-shape filter."""
-    candidates = neocortical_territory(grid) & ndimage.binary_erosion(pre.brain_mask.astype(bool), iterations=2)
     brain = pre.brain_mask.astype(bool)
+    candidates = neocortical_territory(grid) & ndimage.binary_erosion(brain, iterations=2)
+    before = np.stack([pre.t1w, pre.flair])
     rows = [{"case": f"{name} as is", "label": 0,
-             "model": model_froc_case(model, config, np.stack([pre.t1w, pre.flair]), brain,
-                                      np.zeros(grid.shape, np.uint8), seed)}]
-    for index, (params, before, after, brain, lesion) in enumerate(head_implants(pre, grid, rng, n, exclude)):
+             "model": model_froc_case(model, config, before, brain, np.zeros(grid.shape, np.uint8), seed)}]
+    for index, (params, t1w, flair, lesion) in enumerate(card_benchmark.head_implants(pre, grid, rng, n, exclude)):
+        after = np.stack([t1w, flair])
         lesion_z, false_positives = filter_outcome(before, after, brain, candidates, sigma_vox)
         rows.append({"case": f"{name} implant {index + 1}", "label": 1, "flair_gain": round(params.flair_gain, 3),
                      "volume_ml": round(params.volume_ml, 2), "lesion_z": round(lesion_z, 2),
